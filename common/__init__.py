@@ -1,0 +1,1 @@
+"""safemerge: small pieces every layer shares (user-facing errors, atomic output folders)."""

@@ -1,0 +1,61 @@
+"""Atomic output folders: a result appears under its final name complete, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from common.errors import UserError
+
+
+def check_output_dir(out_dir: Path, force: bool, option: str = "--out") -> None:
+    """Fail before any work when `out_dir` cannot be written or would overwrite a result without force."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{option} {out_dir} is a file, not a folder; pick a folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{option} {out_dir} is not empty; pass --force to replace it, or pick another folder")
+    parent = _existing_ancestor(out_dir.absolute().parent)
+    if not parent.is_dir():
+        raise UserError(f"{option} {out_dir} cannot be created: {parent} is not a folder; pick another path")
+    try:
+        probe = tempfile.mkdtemp(prefix=".safemerge-probe-", dir=parent)
+    except OSError as error:
+        raise UserError(
+            f"{option} {out_dir} is not writable ({error.strerror}); pick a folder you can write to"
+        ) from None
+    os.rmdir(probe)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is removed."""
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    try:
+        yield staging
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(staging, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

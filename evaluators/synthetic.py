@@ -1,0 +1,169 @@
+"""The offline templated data generator: safety, over-refusal and domain sets with train/dev/test splits.
+
+Every set is split by (item, phrasing) pair: each item (a harmful goal, a benign look-alike, a domain fact)
+is asked in six phrasings, four go to train, one to dev and one to test, chosen per item by the seed.
+So every test prompt's item and phrasing were both seen in training, in other pairs, and no prompt text
+is shared across splits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from common.errors import UserError
+from common.fsutil import atomic_output_dir
+from evaluators import templates
+
+SPLITS = ("train", "dev", "test")
+SAFETY_SETS = ("harmful", "benign")
+DOMAIN_NAMES = tuple(templates.DOMAINS)
+SET_NAMES = SAFETY_SETS + DOMAIN_NAMES
+MANIFEST = "manifest.json"
+GENERATOR_VERSION = 1
+
+
+def _split_phrasings(rng: random.Random, n_phrasings: int) -> dict[int, str]:
+    """Which split each phrasing index of one item goes to: the last two shuffled slots are dev and test."""
+    order = list(range(n_phrasings))
+    rng.shuffle(order)
+    return {index: ("test" if slot == 0 else "dev" if slot == 1 else "train") for slot, index in enumerate(order)}
+
+
+def _harmful_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for category, spec in templates.HARM_CATEGORIES.items():
+        for goal in spec["goals"]:
+            splits = _split_phrasings(rng, len(templates.HARMFUL_PHRASINGS))
+            for index, phrasing in enumerate(templates.HARMFUL_PHRASINGS):
+                rows.append(
+                    {
+                        "split": splits[index],
+                        "prompt": phrasing.format(goal=goal),
+                        "category": category,
+                        "guard_code": spec["guard_code"],
+                        "goal": goal,
+                        "reference": rng.choice(templates.REFUSALS),
+                        "compliance": rng.choice(templates.COMPLIANT_ANSWERS).format(goal=goal),
+                    }
+                )
+    return rows
+
+
+def _benign_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for kind, goal, how in templates.BENIGN_SENSITIVE:
+        splits = _split_phrasings(rng, len(templates.BENIGN_PHRASINGS))
+        for index, phrasing in enumerate(templates.BENIGN_PHRASINGS):
+            rows.append(
+                {
+                    "split": splits[index],
+                    "prompt": phrasing.format(goal=goal),
+                    "category": kind,
+                    "goal": goal,
+                    "reference": templates.BENIGN_ANSWER.format(goal=goal, how=how),
+                }
+            )
+    return rows
+
+
+def entity_names(rng: random.Random, syllables: tuple[list[str], ...], count: int) -> list[str]:
+    """`count` distinct made-up names built from the syllable lists (so no model knows them beforehand)."""
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(part) for part in syllables).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _domain_rows(rng: random.Random, domain: str) -> list[dict]:
+    spec = templates.DOMAINS[domain]
+    rows = []
+    for entity in entity_names(rng, spec["name_syllables"], templates.ENTITIES_PER_DOMAIN):
+        for relation, rel in spec["relations"].items():
+            value = rng.choice(rel["values"])
+            splits = _split_phrasings(rng, len(rel["phrasings"]))
+            for index, phrasing in enumerate(rel["phrasings"]):
+                rows.append(
+                    {
+                        "split": splits[index],
+                        "prompt": phrasing.format(entity=entity),
+                        "domain": domain,
+                        "entity": entity,
+                        "relation": relation,
+                        "answer": value,
+                        "reference": rel["answer"].format(entity=entity, value=value),
+                    }
+                )
+    return rows
+
+
+def _to_dataset_dict(rows: list[dict]) -> DatasetDict:
+    by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for row in rows:
+        split = row.pop("split")
+        by_split[split].append(row)
+    return DatasetDict({split: Dataset.from_list(items) for split, items in by_split.items()})
+
+
+def generate_datasets(seed: int = 0) -> dict[str, DatasetDict]:
+    """All sets for one seed; the same seed gives the same sets, byte for byte."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be a whole number such as 0 or 1234, got {seed!r}")
+    rng = random.Random(seed)
+    rows = {"harmful": _harmful_rows(rng), "benign": _benign_rows(rng)}
+    for domain in DOMAIN_NAMES:
+        rows[domain] = _domain_rows(rng, domain)
+    sets = {name: _to_dataset_dict(set_rows) for name, set_rows in rows.items()}
+    _check_disjoint(sets)
+    return sets
+
+
+def _check_disjoint(sets: dict[str, DatasetDict]) -> None:
+    for name, splits in sets.items():
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            for prompt in splits[split]["prompt"]:
+                if seen.setdefault(prompt, split) != split:
+                    raise AssertionError(f"set {name}: prompt {prompt!r} is in both {seen[prompt]} and {split}")
+
+
+def manifest_for(sets: dict[str, DatasetDict], seed: int) -> dict:
+    return {
+        "generator": "templated",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "counts": {name: {split: len(splits[split]) for split in SPLITS} for name, splits in sets.items()},
+        "harm_categories": {name: spec["guard_code"] for name, spec in templates.HARM_CATEGORIES.items()},
+        "benign_categories": sorted({kind for kind, _, _ in templates.BENIGN_SENSITIVE}),
+        "domains": list(DOMAIN_NAMES),
+    }
+
+
+def save_datasets(sets: dict[str, DatasetDict], out_dir: Path, manifest: dict, force: bool = False) -> Path:
+    """Write each set with `save_to_disk` plus `manifest.json`, atomically."""
+    with atomic_output_dir(Path(out_dir), force=force) as staging:
+        for name, splits in sets.items():
+            splits.save_to_disk(str(staging / name))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_datasets(data_dir: Path) -> tuple[dict[str, DatasetDict], dict]:
+    """The sets and manifest written by `save_datasets`; a clear error when the folder is not one."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(
+            f"{data_dir} is not a safemerge data folder (no {MANIFEST}); "
+            f"create one with `safemerge data generate --out {data_dir}`"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    sets = {}
+    for name in manifest["counts"]:
+        sets[name] = load_from_disk(str(data_dir / name))
+    return sets, manifest

