@@ -34,6 +34,9 @@ def _add_seed(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> None:
+    from common.fsutil import check_output_dir
+
+    check_output_dir(args.out, force=args.force or args.reuse)  # before the slow torch import
     from zoo.build import ZooSpec, build_zoo, existing_zoo
 
     spec = ZooSpec() if args.scale == 1.0 else ZooSpec().scaled(args.scale)
