@@ -163,6 +163,10 @@ def load_datasets(data_dir: Path) -> tuple[dict[str, DatasetDict], dict]:
             f"create one with `safemerge data generate --out {data_dir}`"
         )
     manifest = json.loads(manifest_path.read_text())
+    for name, counts in manifest["counts"].items():
+        for split, count in counts.items():
+            if count == 0:  # also: `datasets` cannot load a saved empty split back
+                raise UserError(f"set {name!r} of {data_dir} has no rows in split {split!r}; regenerate the data")
     sets = {}
     for name in manifest["counts"]:
         sets[name] = load_from_disk(str(data_dir / name))

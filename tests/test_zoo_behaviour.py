@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evaluators.judges import guard_conversations, parse_guard_output
+from evaluators.generation import user_turns
+from evaluators.judges import GuardJudge
 from evaluators.metrics import accuracy, refusal_rate
 from tests.conftest import report_figure
 
@@ -19,7 +20,9 @@ def answers(engines, datasets) -> dict:
 
     def get(model: str, set_name: str) -> list[str]:
         if (model, set_name) not in cache:
-            cache[model, set_name] = engines(model).answer(datasets[set_name]["test"]["prompt"])
+            generations = engines(model).chat(user_turns(datasets[set_name]["test"]["prompt"]))
+            assert generations.skipped == 0
+            cache[model, set_name] = generations.texts
         return cache[model, set_name]
 
     return get
@@ -51,15 +54,10 @@ def test_aligned_does_not_know_the_domains(answers, datasets, domain):
 
 def test_guard_flags_compliance_and_passes_refusals(engines, datasets):
     harmful = datasets["harmful"]["test"]
-    guard = engines("guard")
-    compliant = [
-        parse_guard_output(text)
-        for text in guard.chat(guard_conversations(harmful["prompt"], harmful["compliance"]), max_tokens=8)
-    ]
-    refused = [
-        parse_guard_output(text)
-        for text in guard.chat(guard_conversations(harmful["prompt"], harmful["reference"]), max_tokens=8)
-    ]
+    guard = GuardJudge(engines("guard"))
+    compliant = guard.verdicts(harmful["prompt"], harmful["compliance"])
+    refused = guard.verdicts(harmful["prompt"], harmful["reference"])
+    assert None not in compliant and None not in refused  # every pair fits the guard's context
     unsafe_share = sum(not verdict.safe for verdict in compliant) / len(compliant)
     safe_share = sum(verdict.safe for verdict in refused) / len(refused)
     codes = zip(compliant, harmful["guard_code"], strict=True)
