@@ -1,0 +1,239 @@
+"""Merge speed side by side: `mergekit-yaml` end to end against safemerge's one-time preparation and per-trial
+in-memory merge, on a Llama-shaped family of about 134M parameters (base + 2 experts, fp32, random weights), with the
+memory-bandwidth floor. Prints a table and, as its last line, a JSON object.
+
+Run: .venv/bin/python benchmarks/merge_speed.py [--work DIR] [--trials 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
+# Llama shape: 12 layers, hidden 768, MLP 2048, vocabulary 32000, untied lm_head: 134.2M parameters.
+SHAPE = {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "vocab": 32000}
+
+
+def llama_tensors(generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
+    hidden, intermediate, vocab = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["vocab"]
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    for layer in range(SHAPE["layers"]):
+        prefix = f"model.layers.{layer}."
+        shapes.update(
+            {
+                prefix + "input_layernorm.weight": (hidden,),
+                prefix + "post_attention_layernorm.weight": (hidden,),
+                **{prefix + f"self_attn.{p}_proj.weight": (hidden, hidden) for p in "qkvo"},
+                prefix + "mlp.gate_proj.weight": (intermediate, hidden),
+                prefix + "mlp.up_proj.weight": (intermediate, hidden),
+                prefix + "mlp.down_proj.weight": (hidden, intermediate),
+            }
+        )
+    return {name: torch.randn(shape, generator=generator) * scale for name, shape in shapes.items()}
+
+
+def build_family(work: Path) -> dict[str, Path]:
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": SHAPE["hidden"],
+        "intermediate_size": SHAPE["intermediate"],
+        "num_hidden_layers": SHAPE["layers"],
+        "num_attention_heads": SHAPE["heads"],
+        "num_key_value_heads": SHAPE["heads"],
+        "vocab_size": SHAPE["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+    }
+    folders = {name: work / name for name in ("base", "expert_a", "expert_b")}
+    if all((folder / "model.safetensors").is_file() for folder in folders.values()):
+        return folders
+    generator = torch.Generator().manual_seed(0)
+    base = llama_tensors(generator, 0.02)
+    for name, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = (
+            base
+            if name == "base"
+            else {k: v + d for (k, v), d in zip(base.items(), llama_tensors(generator, 0.002).values(), strict=True)}
+        )
+        save_file(tensors, str(folder / "model.safetensors"))
+    return folders
+
+
+def recipe_for(method: str, folders: dict[str, Path]) -> dict:
+    base, expert_a, expert_b = (str(folders[name]) for name in ("base", "expert_a", "expert_b"))
+    if method == "slerp":
+        models = [{"model": expert_a}]
+        parameters = {"t": [0.2, 0.8]}
+    else:
+        per_model = {"weight": 0.6} if method == "task_arithmetic" else {"weight": 0.6, "density": 0.5}
+        models = [{"model": expert_a, "parameters": per_model}, {"model": expert_b, "parameters": per_model}]
+        parameters = {}
+    return {"merge_method": method, "base_model": base, "models": models, "parameters": parameters, "dtype": "float32"}
+
+
+def run_mergekit(config: Path, out: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one `mergekit-yaml` run."""
+    command = [str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out), "--no-cuda", "--quiet"]
+    command += ["--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"mergekit-yaml failed on {config}: {process.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024**2
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second that one copy moves (read + write), best of five on a 512 MB buffer."""
+    source = torch.randn(128 * 1024**2)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = min(_timed(lambda: target.copy_(source)) for _ in range(5))
+    return 2 * source.numel() * 4 / best
+
+
+def _timed(action) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _trials(engine, recipe, trials: int) -> tuple[list[float], list[float]]:
+    """Alternate trials into reused buffers and into new tensors, so both see the same load on shared cores."""
+    buffers = engine.merge(recipe)  # the first trial allocates the output; later ones write into it
+    in_place, fresh = [], []
+    for _ in range(trials):
+        in_place.append(_timed(lambda: engine.merge(recipe, out=buffers)))
+        fresh.append(_timed(lambda: engine.merge(recipe)))
+    return in_place, fresh
+
+
+def worker(method: str, folders: dict[str, Path], trials: int) -> dict:
+    """safemerge in a fresh process (so its peak RSS is this method's): preparation, then timed trials."""
+    from merges.engine import MergeEngine
+    from merges.recipe import parse_recipe
+
+    data = recipe_for(method, folders)
+    experts = {entry["model"]: entry["model"] for entry in data["models"]}
+    recipe = parse_recipe(data)
+    start = time.perf_counter()
+    engine = MergeEngine(data["base_model"], experts, base_name=data["base_model"], recipe=recipe)
+    load = time.perf_counter() - start
+    tables = _timed(lambda: engine.prepare([method]))
+    in_place, fresh = _trials(engine, recipe, trials)
+    return {
+        "load_s": load,
+        "tables_s": tables,
+        "trial_s": min(in_place),  # best of N: other work on shared cores only ever adds time
+        "trial_fresh_s": min(fresh),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "device": str(engine.device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None, help="folder for the model family (default: a temp folder)")
+    parser.add_argument("--trials", type=int, default=5, help="timed trials per method (the best is reported)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for both tools (default: torch's; 1 is steadier on busy cores)",
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # for the subprocesses
+    work = args.work or Path(tempfile.mkdtemp(prefix="merge-speed-"))
+    folders = build_family(work)
+    if args.worker:
+        print(json.dumps(worker(args.worker, folders, args.trials)))
+        return
+
+    parameters = sum(tensor.numel() for tensor in llama_tensors(torch.Generator().manual_seed(0), 0.0).values())
+    bandwidth = copy_bandwidth()
+    results = {}
+    for method in METHODS:
+        config = work / f"{method}.yaml"
+        config.write_text(yaml.safe_dump(recipe_for(method, folders)))
+        mergekit_s, mergekit_rss = run_mergekit(config, work / f"{method}-mergekit")
+        output = subprocess.run(
+            [sys.executable, __file__, "--work", str(work), "--trials", str(args.trials), "--worker", method]
+            + (["--threads", str(args.threads)] if args.threads else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        ours = json.loads(output.strip().splitlines()[-1])
+        inputs = 2 if method == "slerp" else 3  # base + experts read once, the output written once
+        floor_s = (inputs + 1) * parameters * 4 / bandwidth
+        results[method] = {
+            "mergekit_s": round(mergekit_s, 3),
+            "mergekit_peak_rss_gb": round(mergekit_rss, 2),
+            "prepare_s": round(ours["load_s"] + ours["tables_s"], 3),
+            "load_s": round(ours["load_s"], 3),
+            "tables_s": round(ours["tables_s"], 3),
+            "trial_s": round(ours["trial_s"], 4),
+            "trial_fresh_s": round(ours["trial_fresh_s"], 4),
+            "floor_s": round(floor_s, 4),
+            "speedup_vs_mergekit": round(mergekit_s / ours["trial_s"], 1),
+            "speedup_fresh_vs_mergekit": round(mergekit_s / ours["trial_fresh_s"], 1),
+            "x_of_floor": round(ours["trial_s"] / floor_s, 2),
+            "peak_rss_gb": round(ours["peak_rss_gb"], 2),
+        }
+
+    print(
+        f"{parameters / 1e6:.1f}M parameters per model, fp32; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"device {ours['device']}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+    )
+    header = ("method", "mergekit s", "prepare s", "trial s", "fresh s", "floor s", "speedup", "x floor", "RSS GB")
+    print("  ".join(f"{cell:>15s}" for cell in header))
+    for method, row in results.items():
+        cells = (
+            method,
+            row["mergekit_s"],
+            row["prepare_s"],
+            row["trial_s"],
+            row["trial_fresh_s"],
+            row["floor_s"],
+            row["speedup_vs_mergekit"],
+            row["x_of_floor"],
+            row["peak_rss_gb"],
+        )
+        print("  ".join(f"{cell:>15}" for cell in cells))
+    print(
+        "trial = in-memory merge written into the previous trial's tensors; fresh = into newly allocated tensors; "
+        "prepare = load + task vectors + tables (one-time)"
+    )
+    print(json.dumps({"parameters": parameters, "copy_bandwidth_gbps": round(bandwidth / 1e9, 2), "methods": results}))
+
+
+if __name__ == "__main__":
+    main()

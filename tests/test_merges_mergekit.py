@@ -1,0 +1,281 @@
+"""safemerge against mergekit, the oracle: `safemerge merge` and `mergekit-yaml` on the same YAML, and recipes exported
+as mergekit YAML, must give the same tensors (1e-5 relative) on the zoo models, with gradients and filters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from common.errors import UserError
+from merges.engine import MergeEngine
+from merges.recipe import Recipe, parse_recipe, per_layer, per_module, to_mergekit_yaml
+from search.cli import main as safemerge
+
+MERGEKIT = str(Path(sys.executable).parent / "mergekit-yaml")
+EXPERTS = ("aligned", "medical", "finance")
+
+
+def yaml_cases(zoo: Path) -> dict[str, dict]:
+    """Hand-written mergekit configs: every deterministic method, with scalars, gradients, filter lists and top-level
+    parameters in the places mergekit users put them."""
+    base, aligned, medical, finance = (str(zoo / name) for name in ("base", *EXPERTS))
+    return {
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": base, "parameters": {"weight": 0.5}},
+                {"model": aligned, "parameters": {"weight": [1.0, 0.2, 0.5]}},
+                {
+                    "model": medical,
+                    "parameters": {
+                        "weight": [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.1, 0.9]}]
+                    },
+                },
+            ],
+            "parameters": {"weight": 0.7},  # medical's norms, embeddings and lm_head fall through to this
+            "dtype": "float32",
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {"model": aligned, "parameters": {"weight": [0.3, 1.2]}},
+                {"model": medical, "parameters": {"weight": 0.8}},
+                {"model": finance, "parameters": {"weight": [{"filter": "mlp", "value": -0.2}, {"value": 0.4}]}},
+            ],
+            "parameters": {"lambda": 0.9, "normalize": False},
+            "dtype": "float32",
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": base},
+                {"model": aligned, "parameters": {"density": [0.2, 0.9], "weight": 0.6}},
+                {"model": medical, "parameters": {"density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}},
+                {"model": finance, "parameters": {"weight": [{"filter": "mlp", "value": -0.3}], "density": 0.5}},
+            ],
+            "parameters": {"weight": 0.5, "normalize": True, "int8_mask": True},
+            "dtype": "float32",
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": [
+                {"model": aligned, "parameters": {"weight": 0.7, "density": 0.6, "gamma": [0.02, 0.1]}},
+                {"model": medical, "parameters": {"weight": [0.2, 0.9], "density": 0.8}},
+            ],
+            "parameters": {"rescale": True},
+            "dtype": "float32",
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": [
+                {
+                    "model": aligned,
+                    "parameters": {"weight": 1.0, "density": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}]},
+                },
+                {"model": medical, "parameters": {"weight": 0.6, "density": 0.7, "gamma": 0.05}},
+                {"model": finance, "parameters": {"weight": 0.4, "density": 0.9}},
+            ],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": aligned}],
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+                    {"value": 0.5},
+                ]
+            },
+            "dtype": "float32",
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": aligned, "parameters": {"weight": [0.2, 1.0]}},
+                {"model": medical, "parameters": {"weight": 0.6}},
+            ],
+            "dtype": "float32",
+        },
+        "nuslerp_row_wise": {
+            "merge_method": "nuslerp",
+            "models": [
+                {"model": aligned, "parameters": {"weight": 0.3}},
+                {"model": medical, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}]}},
+            ],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "dtype": "float32",
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": aligned}, {"model": medical}, {"model": finance}],
+            "dtype": "float32",
+        },
+    }
+
+
+def export_cases(num_layers: int) -> dict[str, Recipe]:
+    """Recipes as the search writes them (per layer group, per module) over engine model names."""
+    return {
+        "export_ties_groups": parse_recipe(
+            {
+                "merge_method": "ties",
+                "base_model": "base",
+                "models": [
+                    {
+                        "model": "aligned",
+                        "parameters": {
+                            "weight": _dump(
+                                per_module(per_layer([0.9, 0.4], num_layers), per_layer([0.2, 1.1], num_layers), 0.7)
+                            ),
+                            "density": per_layer([0.3, 0.8], num_layers),
+                        },
+                    },
+                    {
+                        "model": "medical",
+                        "parameters": {"weight": per_layer([1.0, 0.5, 0.2, 0.6], num_layers), "density": 0.5},
+                    },
+                ],
+            }
+        ),
+        "export_mergealign": parse_recipe(
+            {
+                "merge_method": "mergealign",
+                "base_model": "base",
+                "alignment_model": "aligned",
+                "models": [
+                    {"model": "aligned", "parameters": {"lambda_align": per_layer([1.0, 0.6], num_layers)}},
+                    {"model": "medical"},
+                    {"model": "finance", "parameters": {"lambda_domain": _dump(per_module(mlp=0.9))}},
+                ],
+                "parameters": {"lambda_domain": 0.5},
+            }
+        ),
+        # The search's SLERP runs from the aligned model to an expert: a base other than the engine's.
+        "export_slerp_aligned_to_medical": parse_recipe(
+            {
+                "merge_method": "slerp",
+                "base_model": "aligned",
+                "models": [{"model": "aligned"}, {"model": "medical"}],
+                "parameters": {
+                    "t": _dump(
+                        per_module(per_layer([0.1, 0.9], num_layers), 0.4, per_layer([0.6, 0.3, 0.2], num_layers))
+                    )
+                },
+            }
+        ),
+    }
+
+
+def _dump(filters) -> list[dict]:
+    return [item.model_dump(exclude_none=True) for item in filters]
+
+
+def run_mergekit(config: Path, out: Path) -> None:
+    result = subprocess.run(
+        [MERGEKIT, str(config), str(out), "--no-cuda", "--quiet", "--copy-tokenizer", "--no-write-model-card"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def engine(zoo_dir: Path) -> MergeEngine:
+    return MergeEngine(zoo_dir / "base", {name: zoo_dir / name for name in EXPERTS}, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def oracle(zoo_dir: Path, engine: MergeEngine, tmp_path_factory) -> dict[str, Path]:
+    """Run mergekit-yaml once per case (two at a time): case name -> (config path, mergekit output folder)."""
+    work = tmp_path_factory.mktemp("mergekit")
+    configs = {name: yaml.safe_dump(config) for name, config in yaml_cases(zoo_dir).items()}
+    paths = {name: str(zoo_dir / name) for name in ("base", *EXPERTS)}
+    for name, recipe in export_cases(engine.num_layers).items():
+        configs[name] = to_mergekit_yaml(recipe, paths)
+    jobs = {}
+    for name, text in configs.items():
+        (work / f"{name}.yaml").write_text(text)
+        jobs[name] = (work / f"{name}.yaml", work / f"{name}-mergekit")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda job: run_mergekit(*job), jobs.values()))
+    return jobs
+
+
+def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        # 1e-5 relative; the absolute floor covers elements where base and delta nearly cancel.
+        torch.testing.assert_close(actual[name].cpu(), tensor, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def read_model(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.mark.parametrize("case", list(yaml_cases(Path("zoo"))))
+def test_safemerge_merge_equals_mergekit(case, oracle, tmp_path):
+    config, mergekit_out = oracle[case]
+    ours = tmp_path / "safemerge"
+    assert safemerge(["merge", str(config), str(ours), "--device", "cpu"]) == 0
+    assert_same_tensors(read_model(ours), read_model(mergekit_out))
+    ours_config = json.loads((ours / "config.json").read_text())
+    theirs_config = json.loads((mergekit_out / "config.json").read_text())
+    assert ours_config["architectures"] == theirs_config["architectures"]
+    assert ours_config["num_hidden_layers"] == theirs_config["num_hidden_layers"]
+    for file_name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (ours / file_name).read_bytes() == (mergekit_out / file_name).read_bytes(), file_name
+
+
+@pytest.mark.parametrize("case", list(export_cases(4)))
+def test_exported_recipe_reproduces_the_in_memory_merge(case, oracle, engine):
+    _, mergekit_out = oracle[case]
+    recipe = export_cases(engine.num_layers)[case]
+    assert_same_tensors(engine.merge(recipe), read_model(mergekit_out))
+
+
+def test_sparsifying_method_around_another_base_is_refused(engine):
+    recipe = parse_recipe(
+        {"merge_method": "ties", "base_model": "aligned", "models": [{"model": "medical", "parameters": {"weight": 1}}]}
+    )
+    with pytest.raises(UserError, match="use base_model 'base'"):
+        engine.merge(recipe)
+
+
+def test_mergealign_is_base_plus_weighted_domain_and_alignment_vectors(engine):
+    """MergeAlign by its formula: per-layer lambda_align on the alignment vector, lambda_domain on domain vectors."""
+    recipe = export_cases(engine.num_layers)["export_mergealign"]
+    merged = engine.merge(recipe)
+    lambda_align = per_layer([1.0, 0.6], engine.num_layers)
+    for layer in range(engine.num_layers):
+        for module, finance_lambda in (("mlp.up_proj", 0.9), ("self_attn.q_proj", 0.5)):
+            name = f"model.layers.{layer}.{module}.weight"
+            vectors = {model: engine.task_vectors[model][name] for model in EXPERTS}
+            expected = (
+                engine.base[name]
+                + lambda_align[layer] * vectors["aligned"]
+                + 0.5 * vectors["medical"]
+                + finance_lambda * vectors["finance"]
+            )
+            torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
