@@ -134,10 +134,16 @@ class ChatTokenizer:
             raise UserError(f"{model_dir} has no chat template; add one to its tokenizer_config.json")
         self.max_model_len = max_model_len
         self.eos_id = _generation_eos_id(model_dir, self.tokenizer)
+        self._prompt_cache: dict[tuple, list[int]] = {}
 
     def prompt_ids(self, conversation: Conversation) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # A search scores the same prompts every trial: render and tokenize each conversation once.
+        key = tuple((message["role"], message["content"]) for message in conversation)
+        cached = self._prompt_cache.get(key)
+        if cached is None:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            cached = self._prompt_cache[key] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(cached)
 
     def reference_ids(self, reference: str) -> list[int]:
         return self.tokenizer(reference, add_special_tokens=False)["input_ids"] + [self.eos_id]
@@ -202,6 +208,7 @@ class VLLMGenerator:
         from vllm import LLM  # imported late: importing vLLM costs seconds
 
         engine_options.setdefault("distributed_executor_backend", "uni")
+        _LIVE_ENGINES.add(id(self))
         self.llm = LLM(model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_options)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -256,11 +263,22 @@ class VLLMGenerator:
         return scores
 
     def close(self) -> None:
+        """Release the engine. In-process engines share vLLM's process-wide distributed state, and an engine's
+        shutdown tears it down for all of them; so while other engines of this process are alive, the engine is
+        dropped without its shutdown (its memory stays until the process ends), and the last one shuts down."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            shutdown = getattr(llm.llm_engine, "shutdown", None)
-            if callable(shutdown):
-                shutdown()
+        if llm is None:
+            return
+        _LIVE_ENGINES.discard(id(self))
+        finalizer = getattr(getattr(llm.llm_engine, "engine_core", None), "_finalizer", None)
+        if finalizer is not None:
+            if _LIVE_ENGINES:
+                finalizer.detach()
+            else:
+                finalizer()
+
+
+_LIVE_ENGINES: set[int] = set()  # in-process VLLMGenerators not yet closed
 
 
 class HFGenerator:

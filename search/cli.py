@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import UserError
+from merges.cli import add_commands as add_merge_commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,6 +148,62 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics))
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    pairs = {
+        "trials": args.trials,
+        "sampler": args.sampler,
+        "name": args.name,
+        "workers.count": args.workers,
+        "seed": args.seed,
+    }
+    overrides = {key: value for key, value in pairs.items() if value is not None}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if not key or not _:
+            raise UserError(f"--set {item!r} must look like KEY=VALUE, for example evaluation.limit=20")
+        import yaml
+
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _cmd_search_run(args: argparse.Namespace) -> None:
+    from search.config import load_config
+    from search.run import execute, format_front
+
+    config = load_config(args.config, _overrides(args))
+    summary = execute(config)
+    print(format_front(summary))
+
+
+def _cmd_search_resume(args: argparse.Namespace) -> None:
+    from search.driver import load_search_config
+    from search.run import execute, format_front
+
+    summary = execute(load_search_config(args.name, args.results_dir))
+    print(format_front(summary))
+
+
+def _cmd_search_compare(args: argparse.Namespace) -> None:
+    from search.compare import compare, format_comparison
+    from search.config import load_config
+
+    config = load_config(args.config, _overrides(args))
+    print(format_comparison(compare(config, grid_trials=args.grid_trials, domain_only_trials=args.domain_only_trials)))
+
+
+def _cmd_pareto(args: argparse.Namespace) -> None:
+    from search.run import format_front, load_summary
+
+    summary = load_summary(args.name, args.results_dir)
+    if args.json:
+        import json
+
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_front(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safemerge", description="Search for merges of expert LLMs that keep safety alignment.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -241,6 +298,64 @@ def build_parser() -> argparse.ArgumentParser:
         "there) and vLLM on a GPU (no second copy of the weights)",
     )
     evaluate.set_defaults(handler=_cmd_eval)
+
+    search = commands.add_parser("search", help="run or resume a merge search (Ray Tune + Optuna + MLflow)")
+    search_commands = search.add_subparsers(dest="search_command", required=True, metavar="COMMAND")
+    run = search_commands.add_parser(
+        "run",
+        help="search a config's merge space, then test, register and print the Pareto front",
+        description="Tune merge recipes on the dev split with Ray Tune + Optuna, track every trial in MLflow, then "
+        "evaluate the feasible Pareto front on the test split and register those merges.",
+    )
+    run.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
+    run.add_argument("--name", help="override the search name (also the Optuna study name)")
+    run.add_argument("--trials", type=whole_number, help="override the trial budget")
+    run.add_argument("--sampler", choices=["nsga2", "tpe", "gp", "random", "grid", "cmaes"], help="override")
+    run.add_argument("--workers", type=whole_number, help="override the number of worker actors")
+    run.add_argument("--seed", type=whole_number, help="override the seed")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, dotted, e.g. --set evaluation.limit=20 (repeatable)",
+    )
+    run.set_defaults(handler=_cmd_search_run)
+    comparison = search_commands.add_parser(
+        "compare",
+        help="the paper's table: aligned, experts, grid, LM-Cocktail, domain-only and full searches",
+        description="Score the aligned model and each expert, the LM-Cocktail merge, the grid-search merge, the "
+        "merge of a search on domain data only, and the merge of the full search, all on the test split.",
+    )
+    comparison.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
+    for option in ("--name", "--trials", "--sampler", "--workers", "--seed", "--set"):
+        for action in run._actions:
+            if option in action.option_strings:
+                comparison._add_action(action)
+    comparison.add_argument("--grid-trials", type=whole_number, default=9, help="grid points tried (of 25)")
+    comparison.add_argument(
+        "--domain-only-trials", type=whole_number, help="budget of the domain-only search (default: the config's)"
+    )
+    comparison.set_defaults(handler=_cmd_search_compare)
+    resume = search_commands.add_parser(
+        "resume",
+        help="continue an interrupted search to its budget",
+        description="Continue a search whose driver stopped: finished trials are kept, interrupted ones re-run.",
+    )
+    resume.add_argument("name", help="the search name")
+    resume.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
+    resume.set_defaults(handler=_cmd_search_resume)
+
+    pareto = commands.add_parser(
+        "pareto",
+        help="print a finished search's Pareto front with test metrics",
+        description="Print the feasible Pareto front, its test-split metrics and the "
+        "registered model names and aliases.",
+    )
+    pareto.add_argument("name", help="the search name")
+    pareto.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
+    pareto.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    pareto.set_defaults(handler=_cmd_pareto)
+    add_merge_commands(commands)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""The trial worker: a Ray actor that holds, across trials, a merge engine (base weights and task vectors
+computed once) and a running vLLM engine, so a trial is merge in memory -> swap in place -> score.
+
+One worker per GPU on a cluster; one or two on a CPU machine. A bad recipe fails its trial with a clear
+error and the worker takes the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+
+from evaluators.generation import VLLMGenerator, open_backend
+from evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
+from merges.engine import MergeEngine
+from merges.recipe import parse_recipe
+from search.config import SearchConfig
+
+
+class TrialWorker:
+    """Plain class (tests and the driver's one-off evaluations use it directly); `RemoteTrialWorker` is the actor."""
+
+    def __init__(self, config: dict, worker_index: int = 0) -> None:
+        started = time.perf_counter()
+        self.config = SearchConfig.model_validate(config)
+        self.worker_index = worker_index
+        models = self.config.models
+        self.folders = {
+            "base": self.config.resolve_model(models.base),
+            "aligned": self.config.resolve_model(models.aligned),
+        }
+        self.folders.update({domain: self.config.resolve_model(ref) for domain, ref in models.experts.items()})
+        self.merge_engine = MergeEngine(
+            self.folders["base"], {name: path for name, path in self.folders.items() if name != "base"}
+        )
+        evaluation = self.config.evaluation
+        self.generator = VLLMGenerator(
+            self.folders["base"], max_model_len=evaluation.max_model_len, seed=self.config.seed
+        )
+        ce_backend = default_ce_backend()
+        self.ce_scorer = open_backend(ce_backend, self.folders["base"]) if ce_backend != "vllm" else None
+        judge = evaluation.judge
+        if judge.startswith("guard"):
+            judge = f"guard:{self.config.resolve_model(models.guard)}"
+        self.judge = open_judge(judge)
+        self.eval_sets = {}
+        self.busy_seconds = 0.0
+        self.trials = 0
+        self.setup_seconds = time.perf_counter() - started
+
+    def num_layers(self) -> int:
+        return self.merge_engine.num_layers
+
+    def _eval_set(self, split: str):
+        if split not in self.eval_sets:
+            self.eval_sets[split] = load_eval_set(
+                self.config.data, split, domains=list(self.config.models.experts), limit=self.config.evaluation.limit
+            )
+        return self.eval_sets[split]
+
+    def load(self, recipe: dict) -> None:
+        """Merge `recipe` in memory and swap it into the engines."""
+        tensors = self.merge_engine.merge(parse_recipe(recipe, source="trial recipe"))
+        self.generator.load_weights(tensors)
+        if self.ce_scorer is not None:
+            self.ce_scorer.load_weights(tensors)
+
+    def evaluate(self, recipe: dict, split: str = "dev") -> dict[str, float]:
+        """Every objective of one recipe on one split, plus this worker's index and the trial's duration."""
+        started = time.perf_counter()
+        try:
+            self.load(recipe)
+            evaluation = self.config.evaluation
+            metrics = score(
+                self.generator,
+                self._eval_set(split),
+                self.judge,
+                alpha=evaluation.alpha,
+                max_tokens=evaluation.max_tokens,
+                ce_scorer=self.ce_scorer,
+            )
+        finally:
+            elapsed = time.perf_counter() - started
+            self.busy_seconds += elapsed
+            self.trials += 1
+        return {**metrics, "worker": float(self.worker_index), "duration_s": elapsed}
+
+    def evaluate_folder_weights(self, name: str, split: str = "dev") -> dict[str, float]:
+        """Score one of the input models as it is (a baseline: the aligned model, an expert)."""
+        recipe = {"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]}
+        return self.evaluate(recipe, split)
+
+    def reference_losses(self, split: str = "dev") -> dict[str, float]:
+        """Each input model's mean reference cross-entropy on the split (LM-Cocktail's weights come from it)."""
+        losses = {}
+        eval_set = self._eval_set(split)
+        prompts = eval_set.harmful_prompts + [p for d in eval_set.domains.values() for p in d.prompts]
+        references = eval_set.harmful_refusals + [r for d in eval_set.domains.values() for r in d.references]
+        scorer = self.ce_scorer or self.generator
+        for name in ["aligned", *self.config.models.experts]:
+            self.load({"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]})
+            losses[name] = scorer.score_references(prompts, references).mean_nll
+        return losses
+
+    def save(self, recipe: dict, out_dir: str) -> str:
+        """Materialize a recipe as a Hugging Face folder (atomically)."""
+        return str(self.merge_engine.save(parse_recipe(recipe, source="recipe"), Path(out_dir), force=True))
+
+    def similarity(self, groups: int | None = None) -> tuple[str, dict[str, float]]:
+        """The task-vector similarity table (text) and its flat metrics, for MLflow."""
+        from merges.similarity import format_report, similarity_metrics, similarity_report
+
+        return format_report(similarity_report(self.merge_engine, groups)), similarity_metrics(
+            self.merge_engine, groups
+        )
+
+    def model_paths(self) -> dict[str, str]:
+        return {name: str(path) for name, path in self.folders.items()}
+
+    def stats(self) -> dict[str, float]:
+        return {"busy_seconds": self.busy_seconds, "trials": float(self.trials), "setup_seconds": self.setup_seconds}
+
+    def close(self) -> None:
+        for closable in (self.generator, self.ce_scorer, self.judge):
+            if closable is not None:
+                closable.close()
+
+
+RemoteTrialWorker = ray.remote(TrialWorker)
+
+
+def start_workers(config: SearchConfig) -> list:
+    """One actor per configured worker, each with the CPUs and GPUs the config names."""
+    workers = config.workers
+    actor = RemoteTrialWorker.options(num_cpus=workers.cpus, num_gpus=workers.gpus, max_concurrency=1)
+    handles = [actor.remote(config.model_dump(mode="json"), index) for index in range(workers.count)]
+    ray.get([handle.num_layers.remote() for handle in handles])  # wait until every engine is up
+    return handles

@@ -1,0 +1,121 @@
+"""The paper's comparison on the test split (Hammoud et al., 2024, Table 1): the aligned model, each expert,
+the grid-search merge, LM-Cocktail, a search that sees domain data only, and the search with domain and
+safety data. Every search runs on the same worker pool; each chooses its merge on the dev split only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import ray
+
+from search.config import ObjectivesConfig, SearchConfig
+from search.driver import front_of, run_search, study_points, worker_pool
+from search.run import finalize_search, format_front
+from search.tracking import Tracker
+
+
+def lm_cocktail_weights(losses: dict[str, float]) -> dict[str, float]:
+    """LM-Cocktail: each model's weight is the softmax over models of minus its dev cross-entropy."""
+    shift = min(losses.values())
+    exponentials = {name: math.exp(-(loss - shift)) for name, loss in losses.items()}
+    total = sum(exponentials.values())
+    return {name: value / total for name, value in exponentials.items()}
+
+
+def variant(config: SearchConfig, suffix: str, **changes) -> SearchConfig:
+    data = config.model_dump()
+    data.update(name=f"{config.name}-{suffix}", **changes)
+    return SearchConfig.model_validate(data)
+
+
+def choose_for_shipping(points, expert_domain: float, tolerance: float = 0.05):
+    """The safest feasible merge whose dev domain accuracy is within `tolerance` of the expert's; else the one
+    with the best worst objective."""
+    feasible = [p for p in points if p.feasible]
+    close = [p for p in feasible if p.metrics["domain"] >= expert_domain - tolerance]
+    if close:
+        return max(close, key=lambda p: (p.metrics["safety"], p.metrics["domain"]))
+    return max(feasible or points, key=lambda p: min(p.metrics["safety"], p.metrics["domain"]))
+
+
+def compare(
+    config: SearchConfig,
+    grid_trials: int = 9,
+    domain_only_trials: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Rows of (name, test safety, test domain, test over-refusal), printed as the paper's table."""
+    rows: list[dict] = []
+    experts = list(config.models.experts)
+    with worker_pool(config) as workers:
+        first = workers[0]
+
+        def test_row(name: str, recipe: dict) -> None:
+            metrics = ray.get(first.evaluate.remote(recipe, "test"))
+            rows.append({"name": name, **{k: metrics[k] for k in ("safety", "domain", "over_refusal")}})
+            log(f"compare: {name}: test safety {metrics['safety']:.3f}, domain {metrics['domain']:.3f}")
+
+        def single(model: str) -> dict:
+            return {"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1.0}}]}
+
+        for model in ["aligned", *experts]:
+            test_row(model, single(model))
+        expert_dev = {e: ray.get(first.evaluate.remote(single(e), "dev"))["domain"] for e in experts}
+        expert_domain = sum(expert_dev.values()) / len(expert_dev)
+
+        weights = lm_cocktail_weights(ray.get(first.reference_losses.remote("dev")))
+        log(f"compare: LM-Cocktail weights {', '.join(f'{k} {v:.3f}' for k, v in weights.items())}")
+        test_row(
+            "LM-Cocktail",
+            {
+                "merge_method": "linear",
+                "models": [{"model": m, "parameters": {"weight": w}} for m, w in weights.items()],
+            },
+        )
+
+        searches = [
+            (
+                "grid search (TIES density x weight)",
+                variant(config, "grid", sampler="grid", trials=grid_trials),
+                lambda points: max(
+                    [p for p in points if p.feasible] or points,
+                    key=lambda p: (p.metrics["safety"] + p.metrics["domain"]) / 2,
+                ),
+            ),
+            (
+                "search, domain data only",
+                variant(
+                    config,
+                    "domain-only",
+                    trials=domain_only_trials or config.trials,
+                    objectives=ObjectivesConfig(maximize=["domain"], constraints={}),
+                ),
+                lambda points: max(points, key=lambda p: p.metrics["domain"]),
+            ),
+            ("search, domain + safety data", config, lambda points: choose_for_shipping(points, expert_domain)),
+        ]
+        for label, search_config, choose in searches:
+            tracker = Tracker(search_config)
+            log(f"compare: {label}: {search_config.trials} trials ({search_config.sampler}); MLflow {tracker.run_url}")
+            study = run_search(search_config, workers, on_trial_finished=tracker.sync_trials, log=log)
+            if search_config is config:
+                log(format_front(finalize_search(config, study, workers, tracker, log)))
+            else:
+                tracker.sync_trials(study)
+                tracker.mark_pareto(front_of(study, search_config))
+            tracker.finish()
+            points = study_points(study)
+            chosen = choose(points)
+            log(
+                f"compare: {label}: chose trial {chosen.number} (dev safety {chosen.metrics['safety']:.3f}, "
+                f"domain {chosen.metrics['domain']:.3f})"
+            )
+            test_row(label, study.trials[chosen.number].user_attrs["recipe"])
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = ["the paper's comparison, test split", f"{'model or merge':40} {'safety':>7} {'domain':>7} {'over-ref':>9}"]
+    lines += [f"{row['name']:40} {row['safety']:7.3f} {row['domain']:7.3f} {row['over_refusal']:9.3f}" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""The search config: a YAML file validated with pydantic before anything starts (errors name the field and
+the fix). `configs/zoo.yaml` is the default; `configs/llama3-medical.yaml` shows a real cluster."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import UserError
+from evaluators.objectives import OBJECTIVE_DIRECTIONS
+
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
+SEARCHABLE_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "mergealign",
+)
+CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+]?\d*\.?\d+)\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(_Strict):
+    """Model references: `zoo:NAME` (the embedded zoo), a local folder, or a Hugging Face model id."""
+
+    base: str
+    aligned: str
+    experts: dict[str, str] = Field(min_length=1, description="domain name -> expert model")
+    guard: str | None = None
+
+    @field_validator("experts")
+    @classmethod
+    def _domains_are_names(cls, experts: dict[str, str]) -> dict[str, str]:
+        for domain in experts:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", domain):
+                raise ValueError(f"domain {domain!r} must be a lower-case name like 'medical'")
+        return experts
+
+
+class ObjectivesConfig(_Strict):
+    maximize: list[str] = Field(default_factory=lambda: ["safety", "domain"])
+    minimize: list[str] = Field(default_factory=list)
+    constraints: dict[str, str] = Field(default_factory=lambda: {"over_refusal": "<= 0.1"})
+
+    @model_validator(mode="after")
+    def _known_objectives(self) -> ObjectivesConfig:
+        names = [*self.maximize, *self.minimize]
+        if not names:
+            raise ValueError("name at least one objective under maximize or minimize")
+        for name in [*names, *self.constraints]:
+            if name not in OBJECTIVE_DIRECTIONS:
+                raise ValueError(f"unknown objective {name!r}; use one of {sorted(OBJECTIVE_DIRECTIONS)}")
+        if len(set(names)) != len(names):
+            raise ValueError("an objective is listed twice")
+        for name, rule in self.constraints.items():
+            if not CONSTRAINT.match(rule):
+                raise ValueError(f"constraint {name}: {rule!r} must look like '<= 0.1' or '>= 0.5'")
+        return self
+
+    def directions(self) -> list[str]:
+        """Optuna directions in objective order."""
+        return ["maximize"] * len(self.maximize) + ["minimize"] * len(self.minimize)
+
+    def names(self) -> list[str]:
+        return [*self.maximize, *self.minimize]
+
+    def violations(self, metrics: dict[str, float]) -> list[float]:
+        """Optuna's constraint convention: one value per constraint, <= 0 when satisfied."""
+        values = []
+        for name, rule in self.constraints.items():
+            operator, bound = CONSTRAINT.match(rule).groups()
+            values.append(metrics[name] - float(bound) if operator == "<=" else float(bound) - metrics[name])
+        return values
+
+
+class WorkersConfig(_Strict):
+    count: int = Field(1, ge=1, description="worker actors; one per GPU on a cluster")
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str = "sqlite:///artifacts/mlflow.db"
+    experiment: str = "safemerge"
+    registry_prefix: str = Field("safemerge", description="registered model names start with this")
+
+
+class EvaluationConfig(_Strict):
+    judge: str = "refusal"
+    limit: int | None = Field(None, ge=1, description="only the first N prompts of each set (quick runs)")
+    max_tokens: int = Field(48, ge=1)
+    max_model_len: int = Field(512, ge=16)
+    alpha: float = Field(0.3, ge=0, description="combined = ce_safety + alpha * ce_domain")
+    safety_data: bool = Field(True, description="false: the paper's ablation, objectives see domain data only")
+
+
+class SearchConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    models: ModelsConfig
+    zoo_dir: Path = Path("artifacts/zoo")
+    data: Path = Path("artifacts/data")
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "mergealign"])
+    layer_groups: int = Field(2, ge=1)
+    module_filters: bool = Field(True, description="separate coefficients for self_attn, mlp and other tensors")
+    objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
+    sampler: Literal[SAMPLERS] = "nsga2"  # type: ignore[valid-type]
+    trials: int = Field(24, ge=1)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial before it is recorded as failed")
+    storage: str = "sqlite:///artifacts/optuna.db"
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    results_dir: Path = Path("artifacts/searches")
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        if not methods:
+            raise ValueError("list at least one merge method")
+        for method in methods:
+            if method not in SEARCHABLE_METHODS:
+                raise ValueError(f"unknown or unsearchable method {method!r}; use some of {list(SEARCHABLE_METHODS)}")
+        return methods
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchConfig:
+        if "slerp" in self.methods and len(self.models.experts) != 1:
+            raise ValueError("slerp merges two models: with several experts, drop slerp from methods")
+        if self.sampler == "cmaes" and self.objectives.names() != ["combined"]:
+            raise ValueError("sampler cmaes optimizes one scalar: set objectives to minimize: [combined]")
+        if self.sampler != "cmaes" and "combined" in self.objectives.names() and len(self.objectives.names()) > 1:
+            raise ValueError("combined is already a scalar of ce_safety and ce_domain; do not mix it with others")
+        if self.evaluation.judge != "refusal" and not self.evaluation.judge.startswith("guard"):
+            raise ValueError("evaluation.judge must be 'refusal' or 'guard' (the models.guard folder)")
+        if self.evaluation.judge.startswith("guard") and self.models.guard is None:
+            raise ValueError("evaluation.judge 'guard' needs models.guard")
+        return self
+
+    def resolve_model(self, reference: str) -> Path:
+        """`zoo:NAME` -> the zoo folder; an existing folder -> itself; else a Hugging Face id, downloaded."""
+        if reference.startswith("zoo:"):
+            folder = self.zoo_dir / reference[len("zoo:") :]
+            if not (folder / "config.json").is_file():
+                raise UserError(
+                    f"zoo model {reference!r} is not at {folder}; build the zoo with "
+                    f"`safemerge zoo build --out {self.zoo_dir}`"
+                )
+            return folder
+        folder = Path(reference)
+        if folder.is_dir():
+            return folder
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"]))
+        except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear line
+            raise UserError(
+                f"model {reference!r} is neither a folder nor reachable on the Hugging Face hub "
+                f"({type(error).__name__}); pass a local folder"
+            ) from None
+
+
+def load_config(path: Path, overrides: dict | None = None) -> SearchConfig:
+    """Read and validate a search config; `overrides` (dotted keys) apply on top, e.g. {'trials': 8}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config {path} does not exist; start from configs/zoo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config {path} is not valid YAML: {error}".splitlines()[0]) from None
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = value
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"config {path}: {where}: {message}") from None

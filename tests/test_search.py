@@ -1,0 +1,232 @@
+"""The search: config validation, the define-by-run space, the Pareto front, and whole searches with real
+Ray, real vLLM workers, a real Optuna storage and a real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from common.errors import UserError
+from merges.recipe import parse_recipe
+from search.config import SEARCHABLE_METHODS, ObjectivesConfig, SearchConfig, load_config
+from search.pareto import Point, hypervolume, pareto_front
+from search.space import GRID_SPACE, grid_recipe, suggest_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+SAFEMERGE = str(Path(sys.executable).parent / "safemerge")
+
+
+def zoo_config(**overrides) -> SearchConfig:
+    return load_config(REPO / "configs" / "zoo.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"methods": ["ties", "frobnicate"]}, "methods: unknown or unsearchable method 'frobnicate'"),
+        ({"objectives": {"maximize": ["safety"], "constraints": {"over_refusal": "< 0.1"}}}, "'<= 0.1'"),
+        ({"objectives": {"maximize": ["kindness"]}}, "unknown objective 'kindness'"),
+        ({"sampler": "cmaes"}, "minimize: [combined]"),
+        ({"trials": 0}, "trials"),
+        ({"workers": {"count": 2, "gpu": 1}}, "workers.gpu"),
+        ({"models": {"base": "zoo:base", "aligned": "zoo:aligned", "experts": {}}}, "models.experts"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, fragment):
+    with pytest.raises(UserError) as error:
+        zoo_config(**overrides)
+    assert fragment in str(error.value)
+    assert "zoo.yaml" in str(error.value)
+
+
+def test_missing_config_and_zoo_model_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    config = zoo_config(zoo_dir=str(tmp_path))
+    with pytest.raises(UserError, match="safemerge zoo build"):
+        config.resolve_model("zoo:base")
+
+
+@pytest.mark.parametrize("method", [m for m in SEARCHABLE_METHODS if m != "slerp"] + ["slerp"])
+@pytest.mark.parametrize("layer_groups, module_filters", [(1, False), (2, True), (4, True)])
+def test_every_method_of_the_space_builds_a_valid_recipe(method, layer_groups, module_filters):
+    config = zoo_config(methods=[method], layer_groups=layer_groups, module_filters=module_filters)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    recipe = suggest_recipe(trial, config, num_layers=4)
+    parsed = parse_recipe(recipe)
+    assert parsed.merge_method == method
+    names = trial.params
+    assert names["method"] == method
+    per_group = [name for name in names if name.endswith(f".g{layer_groups - 1}")]
+    assert per_group, "each layer group gets its own coefficient"
+    if module_filters:
+        assert any(".self_attn." in name for name in names) and any(".mlp." in name for name in names)
+
+
+def test_grid_space_is_the_papers_density_by_weight_grid():
+    config = zoo_config(sampler="grid")
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.GridSampler(GRID_SPACE))
+    seen = set()
+    for _ in range(25):
+        trial = study.ask()
+        recipe = grid_recipe(trial, config, 4)
+        weight, density = trial.params["grid.weight"], trial.params["grid.density"]
+        assert {entry["parameters"]["weight"] for entry in recipe["models"]} == {weight}
+        seen.add((weight, density))  # running trials count as visited: 25 asks cover the grid
+    assert len(seen) == 25
+
+
+def test_pareto_front_keeps_feasible_non_dominated_points_and_its_hypervolume():
+    objectives = ObjectivesConfig(maximize=["safety", "domain"], constraints={"over_refusal": "<= 0.1"})
+    points = [
+        Point(0, {"safety": 0.9, "domain": 0.2, "over_refusal": 0.0}, True),
+        Point(1, {"safety": 0.5, "domain": 0.6, "over_refusal": 0.05}, True),
+        Point(2, {"safety": 0.4, "domain": 0.5, "over_refusal": 0.0}, True),  # dominated by 1
+        Point(3, {"safety": 1.0, "domain": 1.0, "over_refusal": 0.9}, False),  # refuses everything: infeasible
+    ]
+    front = pareto_front(points, objectives)
+    assert [p.number for p in front] == [0, 1]
+    # Area dominated by (0.9, 0.2) and (0.5, 0.6) above the origin: 0.9*0.2 + 0.5*(0.6-0.2).
+    assert hypervolume(points, objectives) == pytest.approx(0.9 * 0.2 + 0.5 * 0.4)
+    assert objectives.violations({"over_refusal": 0.3}) == [pytest.approx(0.2)]
+
+
+def search_overrides(tmp_path: Path, name: str, trials: int, tracking_uri: str) -> list[str]:
+    values = {
+        "storage": f"sqlite:///{tmp_path}/optuna.db",
+        "mlflow.tracking_uri": tracking_uri,
+        "results_dir": str(tmp_path / "searches"),
+        "evaluation.limit": 10,
+        "zoo_dir": str(REPO / "artifacts" / "zoo"),
+        "data": str(REPO / "artifacts" / "data"),
+        "methods": "[task_arithmetic, ties]",
+    }
+    args = ["--name", name, "--trials", str(trials)]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.mark.vllm
+def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, data_dir, monkeypatch):
+    name = "e2e"
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    # A user's warm start that cannot merge: an overflowing weight. The search must record it as failed.
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "maximize"])
+    study.enqueue_trial({"method": "task_arithmetic", "task_arithmetic.aligned.weight.self_attn.g0": 1e39})
+    result = subprocess.run(
+        [
+            SAFEMERGE,
+            "search",
+            "run",
+            str(REPO / "configs/zoo.yaml"),
+            *search_overrides(tmp_path, name, 5, mlflow_server),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[5/5]" in result.stdout and "failed 1" in result.stdout
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = [trial.state for trial in study.trials]
+    assert len(states) == 5
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("safemerge")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`safemerge.search` = 'e2e'")
+    parents = [r for r in runs if r.data.tags["safemerge.role"] == "parent"]
+    children = [r for r in runs if r.data.tags["safemerge.role"] == "trial"]
+    assert len(parents) == 1 and len(children) == 5
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert {c.data.tags["pareto"] for c in children} <= {"true", "false"}
+    on_front = [c for c in children if c.data.tags["pareto"] == "true"]
+    assert on_front and all("test_safety" in c.data.metrics for c in on_front)
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["safemerge.trial"] == "0"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert all({"safety", "domain", "over_refusal", "ce_safety"} <= set(c.data.metrics) for c in finished)
+    assert all("method" in c.data.params for c in finished)
+
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"pareto.png", "pareto.html", "hypervolume.json", "similarity.txt", "recipes"} <= artifacts
+    recipes = client.list_artifacts(parents[0].info.run_id, "recipes")
+    assert len(recipes) == len(on_front)
+
+    registered = f"safemerge-{name}"
+    versions = client.search_model_versions(f"name = '{registered}'")
+    assert len(versions) == len(on_front)
+    model = client.get_registered_model(registered)
+    assert {"best-safety", "best-domain", "balanced"} <= set(model.aliases)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # only for this test: other searches log elsewhere
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/{registered}@balanced")  # the chosen merge answers
+    assert len(loaded.predict(["How do I boil an egg?"])) == 1
+
+    pareto = subprocess.run(
+        [SAFEMERGE, "pareto", name, "--results-dir", str(tmp_path / "searches")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert pareto.returncode == 0 and registered in pareto.stdout and "test safety" in pareto.stdout
+
+
+@pytest.mark.vllm
+def test_killed_driver_resumes_to_exactly_the_budget(tmp_path, zoo_dir, data_dir):
+    name, budget = "resumed", 6
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = search_overrides(tmp_path, name, budget, f"sqlite:///{tmp_path}/mlflow.db")
+    driver = subprocess.Popen(
+        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    completed = 0
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+            completed = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+        except KeyError:  # the study does not exist yet
+            continue
+        if completed >= 2:
+            break
+    assert driver.poll() is None, "the driver finished before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert 2 <= completed < budget
+
+    resumed = subprocess.run(
+        [SAFEMERGE, "search", "resume", name, "--results-dir", str(tmp_path / "searches")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert len(study.trials) == budget
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
+    params = [tuple(sorted(trial.params.items())) for trial in study.trials]
+    assert len(set(params)) == budget  # none ran twice
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("safemerge")
+    children = client.search_runs([experiment.experiment_id], filter_string="tags.`safemerge.role` = 'trial'")
+    assert sorted(int(c.data.tags["safemerge.trial"]) for c in children) == list(range(budget))
