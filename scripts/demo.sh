@@ -26,7 +26,7 @@ fi
 # aligned, the expert, LM-Cocktail, the grid-search merge, a domain-only search and the full search.
 NAME="zoo-medical-$(date +%Y%m%d-%H%M%S)"
 safemerge search compare configs/zoo.yaml --name "$NAME" --set "mlflow.tracking_uri=$URL" \
-  --grid-trials "${GRID_TRIALS:-9}" --domain-only-trials "${DOMAIN_ONLY_TRIALS:-12}"
+  --grid-trials "${GRID_TRIALS:-9}" --domain-only-trials "${DOMAIN_ONLY_TRIALS:-12}" ${TRIALS:+--trials "$TRIALS"}
 echo
 echo "demo: done in $((SECONDS - started)) s"
 echo "demo: MLflow UI: $URL (experiment 'safemerge', parent run '$NAME'); stop the server with"
