@@ -13,7 +13,7 @@ from tests.test_search import zoo_config
 
 def tracked_search(tracking_uri: str, trials: int) -> Tracker:
     """A finished study's trials synced to MLflow by the tracker the search uses."""
-    config = zoo_config(name="ui-check", **{"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "ui-check"})
+    config = zoo_config(name="ui-check", **{"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "safemerge-ui"})
     study = optuna.create_study(directions=["maximize", "maximize"])
     for number in range(trials):
         trial = study.ask()
@@ -60,7 +60,9 @@ def test_mlflow_ui_lists_the_search_runs(mlflow_server):
         def page_text(driver) -> str:
             return driver.find_element("tag name", "body").text
 
-        WebDriverWait(browser, 90).until(lambda driver: expected in page_text(driver))
-        assert "ui-check" in page_text(browser)  # the parent run, by the search's name
+        # The count renders before the grid's rows: wait for both, the parent run listed by the search's name.
+        WebDriverWait(browser, 90).until(
+            lambda driver: expected in page_text(driver) and "ui-check" in page_text(driver)
+        )
     finally:
         browser.quit()
