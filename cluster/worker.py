@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 
+from common.errors import UserError
 from evaluators.generation import VLLMGenerator, open_backend
 from evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
 from merges.engine import MergeEngine
@@ -131,10 +132,29 @@ class TrialWorker:
 RemoteTrialWorker = ray.remote(TrialWorker)
 
 
+def worker_count(config: SearchConfig) -> int:
+    """The configured count, or for 'auto' as many workers as the connected cluster has GPUs (CPUs when the
+    workers ask for no GPU) for, each taking the resources the config names."""
+    workers = config.workers
+    if workers.count != "auto":
+        return workers.count
+    resources = ray.cluster_resources()
+    if workers.gpus > 0:
+        count = int(resources.get("GPU", 0) // workers.gpus)
+    else:
+        count = int(resources.get("CPU", 0) // workers.cpus)
+    if count < 1:
+        raise UserError(
+            f"workers.count 'auto': the cluster has {resources.get('GPU', 0):g} GPUs and {resources.get('CPU', 0):g} "
+            f"CPUs, too few for one worker of {workers.gpus:g} GPUs and {workers.cpus:g} CPUs"
+        )
+    return count
+
+
 def start_workers(config: SearchConfig) -> list:
-    """One actor per configured worker, each with the CPUs and GPUs the config names."""
+    """One actor per worker, each with the CPUs and GPUs the config names."""
     workers = config.workers
     actor = RemoteTrialWorker.options(num_cpus=workers.cpus, num_gpus=workers.gpus, max_concurrency=1)
-    handles = [actor.remote(config.model_dump(mode="json"), index) for index in range(workers.count)]
+    handles = [actor.remote(config.model_dump(mode="json"), index) for index in range(worker_count(config))]
     ray.get([handle.num_layers.remote() for handle in handles])  # wait until every engine is up
     return handles

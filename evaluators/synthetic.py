@@ -153,6 +153,18 @@ def save_datasets(sets: dict[str, DatasetDict], out_dir: Path, manifest: dict, f
     return Path(out_dir)
 
 
+def ensure_datasets(out_dir: Path, seed: int = 0, log=print) -> dict:
+    """Keep `out_dir` when it holds this seed's data from this generator version, else (re)write it there;
+    returns the manifest."""
+    sets = generate_datasets(seed)
+    manifest = manifest_for(sets, seed)
+    if (Path(out_dir) / MANIFEST).is_file() and json.loads((Path(out_dir) / MANIFEST).read_text()) == manifest:
+        log(f"data at {out_dir} is up to date (seed {seed})")
+        return manifest
+    save_datasets(sets, out_dir, manifest, force=True)
+    return manifest
+
+
 def load_datasets(data_dir: Path) -> tuple[dict[str, DatasetDict], dict]:
     """The sets and manifest written by `save_datasets`; a clear error when the folder is not one."""
     data_dir = Path(data_dir)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.cli import add_commands as add_cluster_commands
 from common.errors import UserError
 from merges.cli import add_commands as add_merge_commands
 
@@ -38,13 +39,13 @@ def _cmd_zoo_build(args: argparse.Namespace) -> None:
     from common.fsutil import check_output_dir
 
     check_output_dir(args.out, force=args.force or args.reuse)  # before the slow torch import
-    from zoo.build import ZooSpec, build_zoo, existing_zoo
+    from zoo.build import ZooSpec, build_zoo, ensure_zoo
 
     spec = ZooSpec() if args.scale == 1.0 else ZooSpec().scaled(args.scale)
-    if args.reuse and (manifest := existing_zoo(args.out, spec, args.seed)) is not None:
-        print(f"zoo at {args.out} is up to date (seed {args.seed}, built in {manifest['build_seconds']} s)")
+    if args.reuse:
+        ensure_zoo(args.out, seed=args.seed, spec=spec)
         return
-    build_zoo(args.out, seed=args.seed, spec=spec, force=args.force or args.reuse)
+    build_zoo(args.out, seed=args.seed, spec=spec, force=args.force)
 
 
 def _cmd_data_generate(args: argparse.Namespace) -> None:
@@ -53,14 +54,12 @@ def _cmd_data_generate(args: argparse.Namespace) -> None:
         return
     from evaluators import synthetic
 
-    sets = synthetic.generate_datasets(args.seed)
-    manifest = synthetic.manifest_for(sets, args.seed)
-    if args.reuse and (args.out / synthetic.MANIFEST).is_file():
-        _, existing = synthetic.load_datasets(args.out)
-        if existing == manifest:
-            print(f"data at {args.out} is up to date (seed {args.seed})")
-            return
-    synthetic.save_datasets(sets, args.out, manifest, force=args.force or args.reuse)
+    if args.reuse:
+        manifest = synthetic.ensure_datasets(args.out, args.seed)
+    else:
+        sets = synthetic.generate_datasets(args.seed)
+        manifest = synthetic.manifest_for(sets, args.seed)
+        synthetic.save_datasets(sets, args.out, manifest, force=args.force)
     for name, counts in manifest["counts"].items():
         print(f"  {name:8s} " + "  ".join(f"{split} {count:4d}" for split, count in counts.items()))
     print(f"data written -> {args.out}")
@@ -148,7 +147,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics))
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def add_override_options(parser: argparse.ArgumentParser) -> None:
+    """The options that override a search config's fields (search run, search compare, cluster.job)."""
+    parser.add_argument("--name", help="override the search name (also the Optuna study name)")
+    parser.add_argument("--trials", type=whole_number, help="override the trial budget")
+    parser.add_argument("--sampler", choices=["nsga2", "tpe", "gp", "random", "grid", "cmaes"], help="override")
+    parser.add_argument("--workers", type=whole_number, help="override the number of worker actors")
+    parser.add_argument("--seed", type=whole_number, help="override the seed")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, dotted, e.g. --set evaluation.limit=20 (repeatable)",
+    )
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
     pairs = {
         "trials": args.trials,
         "sampler": args.sampler,
@@ -171,7 +185,7 @@ def _cmd_search_run(args: argparse.Namespace) -> None:
     from search.config import load_config
     from search.run import execute, format_front
 
-    config = load_config(args.config, _overrides(args))
+    config = load_config(args.config, config_overrides(args))
     summary = execute(config)
     print(format_front(summary))
 
@@ -188,7 +202,7 @@ def _cmd_search_compare(args: argparse.Namespace) -> None:
     from search.compare import compare, format_comparison
     from search.config import load_config
 
-    config = load_config(args.config, _overrides(args))
+    config = load_config(args.config, config_overrides(args))
     print(format_comparison(compare(config, grid_trials=args.grid_trials, domain_only_trials=args.domain_only_trials)))
 
 
@@ -308,17 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate the feasible Pareto front on the test split and register those merges.",
     )
     run.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
-    run.add_argument("--name", help="override the search name (also the Optuna study name)")
-    run.add_argument("--trials", type=whole_number, help="override the trial budget")
-    run.add_argument("--sampler", choices=["nsga2", "tpe", "gp", "random", "grid", "cmaes"], help="override")
-    run.add_argument("--workers", type=whole_number, help="override the number of worker actors")
-    run.add_argument("--seed", type=whole_number, help="override the seed")
-    run.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any config field, dotted, e.g. --set evaluation.limit=20 (repeatable)",
-    )
+    add_override_options(run)
     run.set_defaults(handler=_cmd_search_run)
     comparison = search_commands.add_parser(
         "compare",
@@ -327,10 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         "merge of a search on domain data only, and the merge of the full search, all on the test split.",
     )
     comparison.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
-    for option in ("--name", "--trials", "--sampler", "--workers", "--seed", "--set"):
-        for action in run._actions:
-            if option in action.option_strings:
-                comparison._add_action(action)
+    add_override_options(comparison)
     comparison.add_argument("--grid-trials", type=whole_number, default=9, help="grid points tried (of 25)")
     comparison.add_argument(
         "--domain-only-trials", type=whole_number, help="budget of the domain-only search (default: the config's)"
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     pareto.set_defaults(handler=_cmd_pareto)
     add_merge_commands(commands)
+    add_cluster_commands(commands)
     return parser
 
 

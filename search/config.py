@@ -88,7 +88,17 @@ class ObjectivesConfig(_Strict):
 
 
 class WorkersConfig(_Strict):
-    count: int = Field(1, ge=1, description="worker actors; one per GPU on a cluster")
+    count: int | Literal["auto"] = Field(
+        1, description="worker actors; 'auto': as many as the cluster's GPUs (CPUs without GPUs) allow"
+    )
+
+    @field_validator("count")
+    @classmethod
+    def _positive(cls, count: int | str) -> int | str:
+        if count != "auto" and count < 1:
+            raise ValueError("count must be at least 1, or 'auto' for one worker per GPU of the cluster")
+        return count
+
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
 
@@ -151,6 +161,41 @@ class SearchConfig(_Strict):
             raise ValueError("evaluation.judge 'guard' needs models.guard")
         return self
 
+    def anchored(self, home: Path) -> SearchConfig:
+        """This config with every relative path (folders, sqlite URLs, local model folders) made absolute
+        against `home`: a Ray job runs in an uploaded copy of the code, not in the project folder."""
+        home = Path(home).absolute()
+
+        def path(value: Path) -> Path:
+            return value if Path(value).is_absolute() else home / value
+
+        def url(value: str) -> str:
+            scheme, separator, rest = value.partition(":///")
+            if separator and scheme in ("sqlite", "file") and not rest.startswith("/"):
+                return f"{scheme}:///{home / rest}"
+            if "://" not in value and not Path(value).is_absolute() and value.endswith((".db", "mlruns")):
+                return str(home / value)
+            return value
+
+        def model(reference: str | None) -> str | None:
+            if reference is None or reference.startswith("zoo:") or Path(reference).is_absolute():
+                return reference
+            return str(home / reference) if (home / reference).is_dir() else reference
+
+        data = self.model_dump(mode="json")
+        data.update(
+            zoo_dir=str(path(self.zoo_dir)),
+            data=str(path(self.data)),
+            results_dir=str(path(self.results_dir)),
+            storage=url(self.storage),
+        )
+        data["mlflow"]["tracking_uri"] = url(self.mlflow.tracking_uri)
+        models = data["models"]
+        for key in ("base", "aligned", "guard"):
+            models[key] = model(models[key])
+        models["experts"] = {domain: model(ref) for domain, ref in models["experts"].items()}
+        return SearchConfig.model_validate(data)
+
     def resolve_model(self, reference: str) -> Path:
         """`zoo:NAME` -> the zoo folder; an existing folder -> itself; else a Hugging Face id, downloaded."""
         if reference.startswith("zoo:"):
@@ -184,6 +229,13 @@ def load_config(path: Path, overrides: dict | None = None) -> SearchConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config {path} is not valid YAML: {error}".splitlines()[0]) from None
+    return parse_config(data, str(path), overrides)
+
+
+def parse_config(data: dict, source: str, overrides: dict | None = None) -> SearchConfig:
+    """Validate config data (a parsed YAML mapping) with dotted `overrides`; errors name `source` and the field."""
+    if not isinstance(data, dict):
+        raise UserError(f"config {source} must be a mapping of fields, like configs/zoo.yaml")
     for dotted, value in (overrides or {}).items():
         target = data
         *parents, leaf = dotted.split(".")
@@ -196,4 +248,4 @@ def load_config(path: Path, overrides: dict | None = None) -> SearchConfig:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")
-        raise UserError(f"config {path}: {where}: {message}") from None
+        raise UserError(f"config {source}: {where}: {message}") from None

@@ -80,51 +80,14 @@ def engines(zoo_dir: Path):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (sqlite store, proxied local artifacts), stopped at the end."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from cluster.processes import free_port, http_ok, mlflow_server_command, start_service, stop_session, wait_until
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    server = subprocess.Popen(
-        [
-            mlflow_cli,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        stdout=open(root / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    port = free_port()
+    log = root / "server.log"
+    command = mlflow_server_command("127.0.0.1", port, f"sqlite:///{root}/mlflow.db", root / "artifacts")
+    server = start_service(command, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_until(lambda: http_ok(f"{url}/health"), "mlflow server", server, log)
     yield url
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    stop_session(server.pid)

@@ -15,7 +15,19 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([SAFEMERGE, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["zoo"], ["zoo", "build"], ["data"], ["data", "generate"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["zoo"],
+        ["zoo", "build"],
+        ["data"],
+        ["data", "generate"],
+        ["cluster", "up"],
+        ["cluster", "down"],
+        ["nightly"],
+    ],
+)
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0

@@ -1,0 +1,116 @@
+"""The Ray job entrypoint: one search on the cluster the job runs in.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m cluster.job --config configs/zoo.yaml
+
+The job runs in an uploaded copy of the code, so relative paths in the config (zoo, data, results, sqlite
+stores) are anchored to the project folder: --home, else $SAFEMERGE_HOME (set by `safemerge cluster up`),
+else the working directory. The tracking server is --mlflow-uri, else $MLFLOW_TRACKING_URI, else the
+config's. The zoo and the data are built there when missing (cached after). Exit code 0 when the search
+finished, 1 when it failed, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from search.cli import _Parser, add_override_options
+
+    parser = _Parser(
+        prog="python -m cluster.job",
+        description="Run one merge search as a Ray job (submit it with `ray job submit ... -- python -m cluster.job`).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="a search config inside the uploaded working dir")
+    source.add_argument("--config-json", help="the whole config as JSON (what `safemerge nightly` submits)")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="project folder that relative config paths refer to (default: $SAFEMERGE_HOME, else the cwd)",
+    )
+    parser.add_argument(
+        "--mlflow-uri", default=None, help="tracking server (default: $MLFLOW_TRACKING_URI, else the config's)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL, e.g. postgresql://... on a multi-node cluster "
+        "(default: $SAFEMERGE_OPTUNA_STORAGE, else the config's)",
+    )
+    add_override_options(parser)
+    return parser
+
+
+def job_config(args: argparse.Namespace):
+    """The config the job runs: file or inline JSON, overrides, anchored to the project folder."""
+    from search.cli import config_overrides
+    from search.config import load_config, parse_config
+
+    overrides = config_overrides(args)
+    mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_uri:
+        overrides["mlflow.tracking_uri"] = mlflow_uri
+    storage = args.storage or os.environ.get("SAFEMERGE_OPTUNA_STORAGE")
+    if storage:
+        overrides["storage"] = storage
+    if args.config is not None:
+        config = load_config(args.config, overrides)
+    else:
+        try:
+            data = json.loads(args.config_json)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--config-json is not valid JSON ({error})") from None
+        config = parse_config(data, "--config-json", overrides)
+    home = args.home or Path(os.environ.get("SAFEMERGE_HOME") or Path.cwd())
+    if not Path(home).is_dir():
+        raise UserError(f"--home {home} is not a folder; pass the project folder that holds artifacts/")
+    return config.anchored(home)
+
+
+def prepare_inputs(config, log=print) -> None:
+    """Build the zoo and the data where the config expects them, unless they are there already."""
+    from evaluators.synthetic import ensure_datasets
+
+    ensure_datasets(config.data, config.seed, log=log)
+    models = config.models
+    references = [models.base, models.aligned, models.guard, *models.experts.values()]
+    if any(reference and reference.startswith("zoo:") for reference in references):
+        from zoo.build import ensure_zoo
+
+        ensure_zoo(config.zoo_dir, seed=config.seed, log=log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = job_config(args)
+        print(f"cluster.job: search {config.name!r}, {config.trials} trials, workers: {config.workers.count}")
+        print(f"cluster.job: MLflow {config.mlflow.tracking_uri}, Optuna {config.storage}", flush=True)
+        prepare_inputs(config)
+        from search.run import execute, format_front
+
+        summary = execute(config)
+        print(format_front(summary))
+        print(f"cluster.job: MLflow run {summary['mlflow_run']}")
+    except UserError as error:
+        print(f"cluster.job: error: {error}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - the job fails with the traceback in its logs and exit code 1
+        traceback.print_exc()
+        print("cluster.job: the search failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""`safemerge cluster up | status | down`: a Ray head and an MLflow server on this machine, loopback by default.
+
+`up` records what it started (pid and start time of each service's session leader) in a state file; `down`
+stops exactly those sessions, so a Ray started by someone else on this machine is never touched. The Ray
+head's environment names this project folder and the MLflow server, so `ray job submit ... -- python -m
+cluster.job` finds the zoo, the data and the tracking server without extra flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from cluster.processes import (
+    alive,
+    http_ok,
+    mlflow_server_command,
+    port_in_use,
+    start_service,
+    stop_session,
+    venv_tool,
+    wait_until,
+)
+from common.errors import UserError
+
+STATE_FILE = "cluster.json"
+# Read by cluster.job inside every job the head runs (the job's working directory is an upload, not this folder).
+HOME_ENV = "SAFEMERGE_HOME"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterOptions:
+    host: str = "127.0.0.1"
+    ray_port: int = 6379
+    dashboard_port: int = 8265
+    mlflow_port: int = 5000
+    state_dir: Path = Path("artifacts/cluster")
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.dashboard_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+
+def _state_path(state_dir: Path) -> Path:
+    return Path(state_dir) / STATE_FILE
+
+
+def read_state(state_dir: Path) -> dict | None:
+    path = _state_path(state_dir)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); stop the services by hand and delete it") from None
+
+
+def _write_state(state_dir: Path, state: dict) -> None:
+    path = _state_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _record(process) -> dict:
+    return {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
+
+
+def ray_dashboard_ready(url: str) -> bool:
+    """The job submission API answers, with this machine's Ray token when the cluster uses token authentication."""
+    from cluster.jobs import job_client
+
+    try:
+        job_client(url).get_version()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not up yet"; the caller times out with the log
+        return False
+
+
+def up(options: ClusterOptions, log=print) -> dict:
+    """Start the Ray head and the MLflow server, wait until both answer, record them; returns the state."""
+    state_dir = Path(options.state_dir).absolute()
+    existing = read_state(state_dir)
+    if existing and any(alive(s["pid"], s["create_time"]) for s in existing["services"].values()):
+        raise UserError(f"a cluster recorded in {_state_path(state_dir)} is running; `safemerge cluster down` first")
+    for what, port in (("Ray GCS", options.ray_port), ("Ray dashboard", options.dashboard_port)):
+        if port_in_use(options.host, port):
+            raise UserError(f"{what} port {options.host}:{port} is in use; stop that service or pick another port")
+    if port_in_use(options.host, options.mlflow_port):
+        raise UserError(
+            f"MLflow port {options.host}:{options.mlflow_port} is in use; stop that server or pass --mlflow-port"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "home": str(Path.cwd()),
+        "ray_address": f"{options.host}:{options.ray_port}",
+        "dashboard_url": options.dashboard_url,
+        "mlflow_url": options.mlflow_url,
+        "services": {},
+    }
+    mlflow_log = state_dir / "mlflow.log"
+    mlflow = start_service(
+        mlflow_server_command(
+            options.host, options.mlflow_port, f"sqlite:///{state_dir}/mlflow.db", state_dir / "mlartifacts"
+        ),
+        mlflow_log,
+    )
+    state["services"]["mlflow"] = _record(mlflow)
+    _write_state(state_dir, state)  # recorded before the wait, so `down` can stop a half-started cluster
+    ray_command = [
+        venv_tool("ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        options.host,
+        "--port",
+        str(options.ray_port),
+        "--dashboard-host",
+        options.host,
+        "--dashboard-port",
+        str(options.dashboard_port),
+        "--include-dashboard",
+        "true",
+    ]
+    if options.num_cpus is not None:
+        ray_command += ["--num-cpus", str(options.num_cpus)]
+    if options.num_gpus is not None:
+        ray_command += ["--num-gpus", str(options.num_gpus)]
+    ray_log = state_dir / "ray.log"
+    # Jobs inherit the head's environment: this project folder, the tracking server, and this venv's python.
+    job_env = {
+        HOME_ENV: str(Path.cwd()),
+        "MLFLOW_TRACKING_URI": options.mlflow_url,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    ray_head = start_service(ray_command, ray_log, env=job_env)
+    state["services"]["ray"] = _record(ray_head)
+    _write_state(state_dir, state)
+    try:
+        wait_until(lambda: http_ok(f"{options.mlflow_url}/health"), "the MLflow server", mlflow, mlflow_log)
+        log(f"MLflow server: {options.mlflow_url} (store {state_dir}/mlflow.db)")
+        wait_until(lambda: ray_dashboard_ready(options.dashboard_url), "the Ray head", ray_head, ray_log)
+        log(f"Ray head: {state['ray_address']}, dashboard and job submission at {options.dashboard_url}")
+    except BaseException:
+        down(state_dir, log=lambda _: None)
+        raise
+    return state
+
+
+def status(state_dir: Path) -> dict:
+    """Each recorded service: whether its process runs and whether its endpoint answers."""
+    state = read_state(Path(state_dir).absolute())
+    if state is None:
+        return {"running": False, "services": {}}
+    checks = {
+        "ray": lambda: ray_dashboard_ready(state["dashboard_url"]),
+        "mlflow": lambda: http_ok(f"{state['mlflow_url']}/health"),
+    }
+    report = {}
+    for name, record in state["services"].items():
+        running = alive(record["pid"], record["create_time"])
+        report[name] = {"pid": record["pid"], "running": running, "answers": running and checks[name]()}
+    return {**state, "running": all(s["answers"] for s in report.values()), "services": report}
+
+
+def down(state_dir: Path, log=print) -> int:
+    """Stop every recorded service session; returns how many processes were stopped."""
+    state_dir = Path(state_dir).absolute()
+    state = read_state(state_dir)
+    if state is None:
+        log(f"no cluster recorded in {state_dir}; nothing to stop")
+        return 0
+    stopped = 0
+    for name in ("ray", "mlflow"):  # Ray first: its jobs may still write to MLflow
+        record = state["services"].get(name)
+        if record:
+            count = stop_session(record["pid"], record["create_time"])
+            stopped += count
+            log(f"stopped {name} ({count} processes)")
+    _state_path(state_dir).unlink()
+    return stopped
+
+
+def format_status(report: dict) -> str:
+    if not report["services"]:
+        return "no cluster is recorded; start one with `safemerge cluster up`"
+    lines = [f"cluster started {report['started']} from {report['home']}"]
+    urls = {"ray": report["dashboard_url"], "mlflow": report["mlflow_url"]}
+    for name, service in report["services"].items():
+        condition = "answers" if service["answers"] else ("runs, not answering" if service["running"] else "stopped")
+        lines.append(f"  {name:7s} pid {service['pid']:>7}  {condition:20s} {urls[name]}")
+    return "\n".join(lines)
