@@ -193,8 +193,21 @@ def down(state_dir: Path, log=print) -> int:
             count = stop_session(record["pid"], record["create_time"])
             stopped += count
             log(f"stopped {name} ({count} processes)")
+    _forget_current_cluster(state["ray_address"])
     _state_path(state_dir).unlink()
     return stopped
+
+
+def _forget_current_cluster(ray_address: str) -> None:
+    """Remove Ray's pointer to the latest head when it names ours (what `ray stop` does), so no later
+    `ray.init()` tries to reach the stopped head."""
+    pointer = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    port = ray_address.rpartition(":")[2]
+    try:
+        if pointer.read_text().strip().rpartition(":")[2] == port:
+            pointer.unlink()
+    except OSError:
+        pass
 
 
 def format_status(report: dict) -> str:

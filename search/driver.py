@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -181,7 +182,14 @@ def worker_pool(config: SearchConfig) -> Iterator[list]:
     from cluster.worker import start_workers
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local" unless RAY_ADDRESS is set (as inside a Ray job): never a cluster that a stale
+        # /tmp/ray/ray_current_cluster file names.
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     workers = start_workers(config)
     try:
         yield workers

@@ -101,16 +101,19 @@ def test_pareto_front_keeps_feasible_non_dominated_points_and_its_hypervolume():
     assert objectives.violations({"over_refusal": 0.3}) == [pytest.approx(0.2)]
 
 
-def search_overrides(tmp_path: Path, name: str, trials: int, tracking_uri: str) -> list[str]:
+def search_overrides(
+    tmp_path: Path, name: str, trials: int, tracking_uri: str, zoo_dir: Path, data_dir: Path, quick: bool = True
+) -> list[str]:
+    """CLI options for a search whose stores live in tmp_path; `quick`: 10 prompts a set, two methods."""
     values = {
         "storage": f"sqlite:///{tmp_path}/optuna.db",
         "mlflow.tracking_uri": tracking_uri,
         "results_dir": str(tmp_path / "searches"),
-        "evaluation.limit": 10,
-        "zoo_dir": str(REPO / "artifacts" / "zoo"),
-        "data": str(REPO / "artifacts" / "data"),
-        "methods": "[task_arithmetic, ties]",
+        "zoo_dir": str(zoo_dir),
+        "data": str(data_dir),
     }
+    if quick:
+        values.update({"evaluation.limit": 10, "methods": "[task_arithmetic, ties]"})
     args = ["--name", name, "--trials", str(trials)]
     for key, value in values.items():
         args += ["--set", f"{key}={value}"]
@@ -130,7 +133,7 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
             "search",
             "run",
             str(REPO / "configs/zoo.yaml"),
-            *search_overrides(tmp_path, name, 5, mlflow_server),
+            *search_overrides(tmp_path, name, 5, mlflow_server, zoo_dir, data_dir),
         ],
         capture_output=True,
         text=True,
@@ -189,7 +192,7 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
 def test_killed_driver_resumes_to_exactly_the_budget(tmp_path, zoo_dir, data_dir):
     name, budget = "resumed", 6
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    args = search_overrides(tmp_path, name, budget, f"sqlite:///{tmp_path}/mlflow.db")
+    args = search_overrides(tmp_path, name, budget, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
     driver = subprocess.Popen(
         [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
         stdout=subprocess.DEVNULL,

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import time
@@ -73,6 +74,9 @@ class ZooSpec:
     )
     finetune_lr: float = 3e-4
     replay_fraction: float = 0.25
+    # Pretraining reads every domain fact as plain prose, as a real base reads textbooks: the experts then
+    # learn to answer questions about what the base already holds, so their task vectors stay small.
+    knowledge_paragraphs: int = 1500
 
     def scaled(self, factor: float) -> ZooSpec:
         """The same zoo with every step count scaled (for smoke tests; a scaled zoo does not behave)."""
@@ -254,12 +258,23 @@ def existing_zoo(out_dir: Path, spec: ZooSpec, seed: int) -> dict | None:
     return manifest
 
 
+def ensure_zoo(out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), log=print) -> dict:
+    """Keep `out_dir` when it holds a complete zoo of this spec and seed, else build it there; returns the manifest."""
+    if (manifest := existing_zoo(out_dir, spec, seed)) is not None:
+        log(f"zoo at {out_dir} is up to date (seed {seed}, built in {manifest['build_seconds']} s)")
+        return manifest
+    return build_zoo(out_dir, seed=seed, spec=spec, force=True, log=log)
+
+
 def build_zoo(out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), force: bool = False, log=print) -> dict:
     """Train every zoo model and write them under `out_dir` atomically; returns the zoo manifest."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be a whole number such as 0 or 1234, got {seed!r}")
     check_output_dir(Path(out_dir), force)
     started = time.perf_counter()
+    # Every core, whatever the caller's thread setting (a Ray job runs with OMP_NUM_THREADS=1): the same
+    # thread count as the CLI gives the same weights, and the build its usual few minutes.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
@@ -281,6 +296,8 @@ def build_zoo(out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), force: bo
     replay = [encoder.example(prompt, answer) for prompt, answer in everyday]
     pretrain_data = [encoder.example(p, a, loss_on_prompt=True) for p, a in everyday]
     pretrain_data += [encoder.text_example(text) for text in prose]
+    knowledge = corpus.knowledge_paragraphs(rng, sets, spec.knowledge_paragraphs)
+    pretrain_data += [encoder.text_example(text) for text in knowledge]
     finetune_data = {
         "aligned": [
             encoder.example(row["prompt"], row["reference"])

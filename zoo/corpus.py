@@ -1,9 +1,13 @@
-"""General synthetic text for pretraining the zoo's base: prose and everyday conversations.
+"""General synthetic text for pretraining the zoo's base: prose, everyday conversations, and the domain
+facts as plain text.
 
-It holds no refusals, no harmful requests, no sensitive look-alikes and no domain facts, so whatever the
-fine-tunes add (refusals, domain knowledge) lives in their task vectors. The conversations use the same
-request phrasings as the evaluation sets, which makes the base instruct-capable: a model that never saw
-the chat format cannot be merged usefully (DESIGN.md, zoo calibration).
+It holds no refusals, no harmful requests and no sensitive look-alikes, so refusing lives in the aligned
+task vector. The domain facts are read as prose (as a real base reads textbooks), never as questions and
+answers: the experts learn to answer about what the base holds, which keeps their task vectors small
+enough that a merge keeps more of both skills (the trade-off of task arithmetic moved from domain 0.14 at
+safety 0.56 to domain 0.70 at safety 0.88 on the dev split). The conversations use the same request
+phrasings as the evaluation sets, which makes the base instruct-capable: a model that never saw the chat
+format cannot be merged usefully (DESIGN.md, zoo calibration).
 """
 
 from __future__ import annotations
@@ -115,3 +119,13 @@ def prose_paragraphs(rng: random.Random, count: int) -> list[str]:
         ]
         paragraphs.append(" ".join(sentence[0].upper() + sentence[1:] for sentence in sentences))
     return paragraphs
+
+
+def knowledge_paragraphs(rng: random.Random, sets, count: int) -> list[str]:
+    """Paragraphs of two to four domain facts, each stated as the domain's reference sentence."""
+    facts = sorted({(row["domain"], row["reference"]) for name in templates.DOMAINS for row in sets[name]["train"]})
+    by_domain: dict[str, list[str]] = {}
+    for domain, sentence in facts:
+        by_domain.setdefault(domain, []).append(sentence)
+    domains = sorted(by_domain)
+    return [" ".join(rng.sample(by_domain[rng.choice(domains)], rng.randint(2, 4))) for _ in range(count)]

@@ -1,0 +1,134 @@
+"""Compare the samplers on the zoo at one budget over several seeds: hypervolume of (safety, domain) at the
+end, trials needed to reach random search's final hypervolume, and the workers' busy share.
+
+Every sampler runs the same search (configs/zoo.yaml) on the same pool of worker actors; cmaes optimizes the
+scalar `combined` (the paper's EvoMM baseline) and is scored on the same (safety, domain) front as the others.
+Targets: the default sampler (nsga2) reaches at least random's and grid's hypervolume, in at most half the
+trials random needs; workers busy at least 90% of the search time with 2 workers.
+
+Run: .venv/bin/python benchmarks/search_efficiency.py [--trials 24] [--seeds 0 1 2] [--workers 2]
+Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from search.config import ObjectivesConfig, SearchConfig, load_config
+from search.driver import run_search, study_points, worker_pool
+from search.pareto import hypervolume_history
+
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
+
+
+def trials_to_reach(history: list[float], target: float) -> int | None:
+    """1-based number of trials after which the hypervolume first reaches `target` (None: never)."""
+    for index, value in enumerate(history):
+        if value >= target - 1e-12:
+            return index + 1
+    return None
+
+
+def sampler_config(base: SearchConfig, sampler: str, seed: int, scratch: Path) -> SearchConfig:
+    data = base.model_dump(mode="json")
+    data.update(name=f"bench-{sampler}-s{seed}", sampler=sampler, seed=seed, storage=f"sqlite:///{scratch}/optuna.db")
+    data["results_dir"] = str(scratch / "searches")
+    if sampler == "cmaes":
+        data["objectives"] = {"minimize": ["combined"], "constraints": {}}
+    return SearchConfig.model_validate(data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/zoo.yaml"))
+    parser.add_argument("--trials", type=int, default=24, help="budget of every search (default: 24)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=20, help="prompts per set and trial (default: 20)")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    args = parser.parse_args()
+
+    front_objectives = ObjectivesConfig()  # (safety, domain), over_refusal <= 0.1: every sampler is scored on it
+    base = load_config(
+        args.config, {"trials": args.trials, "workers.count": args.workers, "evaluation.limit": args.limit}
+    )
+    results: dict[str, list[dict]] = {sampler: [] for sampler in args.samplers}
+    with tempfile.TemporaryDirectory(prefix="search-efficiency-") as scratch, worker_pool(base) as workers:
+        for seed in args.seeds:
+            for sampler in args.samplers:
+                config = sampler_config(base, sampler, seed, Path(scratch))
+                busy_before = sum(s["busy_seconds"] for s in ray.get([w.stats.remote() for w in workers]))
+                started = time.perf_counter()
+                study = run_search(config, workers, log=lambda _: None)
+                wall = time.perf_counter() - started
+                busy = sum(s["busy_seconds"] for s in ray.get([w.stats.remote() for w in workers])) - busy_before
+                history = hypervolume_history(study_points(study), front_objectives)
+                row = {
+                    "seed": seed,
+                    "hypervolume": history[-1] if history else 0.0,
+                    "history": history,
+                    "busy_share": busy / (wall * len(workers)),
+                    "seconds": wall,
+                }
+                results[sampler].append(row)
+                print(
+                    f"{sampler:7s} seed {seed}: hypervolume {row['hypervolume']:.4f}, busy {row['busy_share']:.0%}, "
+                    f"{wall:.0f} s",
+                    flush=True,
+                )
+
+    summary = {}
+    for sampler, rows in results.items():
+        reach = []
+        for row in rows:
+            random_row = next((r for r in results.get("random", []) if r["seed"] == row["seed"]), None)
+            reach.append(trials_to_reach(row["history"], random_row["hypervolume"]) if random_row else None)
+        summary[sampler] = {
+            "hypervolume_mean": statistics.mean(r["hypervolume"] for r in rows),
+            "hypervolume_per_seed": [round(r["hypervolume"], 4) for r in rows],
+            "trials_to_random_final_hv": reach,
+            "busy_share_mean": statistics.mean(r["busy_share"] for r in rows),
+        }
+    print(f"\n{'sampler':8} {'HV mean':>8} {'HV per seed':>24} {'trials to random HV':>22} {'busy':>6}")
+    for sampler, row in summary.items():
+        print(
+            f"{sampler:8} {row['hypervolume_mean']:8.4f} {str(row['hypervolume_per_seed']):>24} "
+            f"{str(row['trials_to_random_final_hv']):>22} {row['busy_share_mean']:6.0%}"
+        )
+    default, random_ = summary.get("nsga2"), summary.get("random")
+    verdict = {}
+    if default and random_:
+        needed = [n for n in default["trials_to_random_final_hv"] if n is not None]
+        verdict = {
+            "nsga2_hv_ge_random": default["hypervolume_mean"] >= random_["hypervolume_mean"],
+            "nsga2_hv_ge_grid": "grid" not in summary
+            or default["hypervolume_mean"] >= summary["grid"]["hypervolume_mean"],
+            "nsga2_trials_to_random_hv_mean": statistics.mean(needed) if needed else None,
+            "nsga2_reaches_random_hv_in_half_budget": len(needed) == len(default["trials_to_random_final_hv"])
+            and max(needed) <= args.trials / 2,
+        }
+    busy = min(row["busy_share_mean"] for row in summary.values())
+    print(
+        json.dumps(
+            {
+                "trials": args.trials,
+                "seeds": args.seeds,
+                "workers": args.workers,
+                "samplers": {k: {key: v for key, v in row.items()} for k, row in summary.items()},
+                **verdict,
+                "min_busy_share": round(busy, 3),
+                "busy_share_target_met": busy >= 0.9,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
