@@ -284,7 +284,9 @@ class TaskArithmetic:
             if index == 0:
                 torch.mul(term, value, out=majority)
             else:
-                majority.add_(term, alpha=value)
+                # Round each weighted term before adding it, as mergekit's stack-and-sum does: a fused
+                # multiply-add rounds once and can flip the sign of a vote that is within rounding of zero.
+                majority.add_(torch.mul(term, value, out=inputs.scratch(1)))
         # +1 where the vote is >= 0, else -1. copysign reads -0.0 as negative, but a vote of -0.0 only arises when
         # every term is zero, and zero terms never agree with either sign, so the result is mergekit's.
         torch.copysign(torch.ones((), device=majority.device), majority, out=majority)
