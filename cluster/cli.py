@@ -30,6 +30,7 @@ def _cmd_cluster_up(args: argparse.Namespace) -> None:
         ray_port=args.ray_port,
         dashboard_port=args.dashboard_port,
         mlflow_port=args.mlflow_port,
+        agent_port=args.agent_port,
         state_dir=args.state_dir,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
@@ -91,6 +92,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--ray-port", type=_port, default=6379, help="Ray GCS port (default: 6379)")
     start.add_argument("--dashboard-port", type=_port, default=8265, help="dashboard and job API (default: 8265)")
     start.add_argument("--mlflow-port", type=_port, default=5000, help="MLflow server port (default: 5000)")
+    start.add_argument(
+        "--agent-port", type=_port, default=52365, help="the head's dashboard agent, which runs jobs (default: 52365)"
+    )
     start.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
     start.add_argument("--num-gpus", type=int, default=None, help="GPUs the head offers (default: all)")
     start.set_defaults(handler=_cmd_cluster_up)

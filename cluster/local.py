@@ -40,6 +40,7 @@ class ClusterOptions:
     ray_port: int = 6379
     dashboard_port: int = 8265
     mlflow_port: int = 5000
+    agent_port: int = 52365  # the head's dashboard agent, which runs submitted jobs
     state_dir: Path = Path("artifacts/cluster")
     num_cpus: int | None = None
     num_gpus: int | None = None
@@ -96,7 +97,11 @@ def up(options: ClusterOptions, log=print) -> dict:
     existing = read_state(state_dir)
     if existing and any(alive(s["pid"], s["create_time"]) for s in existing["services"].values()):
         raise UserError(f"a cluster recorded in {_state_path(state_dir)} is running; `safemerge cluster down` first")
-    for what, port in (("Ray GCS", options.ray_port), ("Ray dashboard", options.dashboard_port)):
+    for what, port in (
+        ("Ray GCS", options.ray_port),
+        ("Ray dashboard", options.dashboard_port),
+        ("Ray dashboard agent", options.agent_port),
+    ):
         if port_in_use(options.host, port):
             raise UserError(f"{what} port {options.host}:{port} is in use; stop that service or pick another port")
     if port_in_use(options.host, options.mlflow_port):
@@ -137,6 +142,8 @@ def up(options: ClusterOptions, log=print) -> dict:
         str(options.dashboard_port),
         "--include-dashboard",
         "true",
+        "--dashboard-agent-listen-port",
+        str(options.agent_port),
     ]
     if options.num_cpus is not None:
         ray_command += ["--num-cpus", str(options.num_cpus)]
@@ -155,7 +162,15 @@ def up(options: ClusterOptions, log=print) -> dict:
     try:
         wait_until(lambda: http_ok(f"{options.mlflow_url}/health"), "the MLflow server", mlflow, mlflow_log)
         log(f"MLflow server: {options.mlflow_url} (store {state_dir}/mlflow.db)")
-        wait_until(lambda: ray_dashboard_ready(options.dashboard_url), "the Ray head", ray_head, ray_log)
+        # The job API answers before the head's job agent has registered; a job submitted then fails with
+        # "No available agent", so wait for the agent too.
+        agent_health = f"http://{options.host}:{options.agent_port}/api/local_raylet_healthz"
+        wait_until(
+            lambda: ray_dashboard_ready(options.dashboard_url) and http_ok(agent_health),
+            "the Ray head",
+            ray_head,
+            ray_log,
+        )
         log(f"Ray head: {state['ray_address']}, dashboard and job submission at {options.dashboard_url}")
     except BaseException:
         down(state_dir, log=lambda _: None)

@@ -34,7 +34,7 @@ def run(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
 
 
 def cluster_ports() -> dict[str, int]:
-    return {"ray": free_port(), "dashboard": free_port(), "mlflow": free_port()}
+    return {"ray": free_port(), "dashboard": free_port(), "mlflow": free_port(), "agent": free_port()}
 
 
 def cluster_up(state_dir: Path, ports: dict[str, int]) -> subprocess.CompletedProcess:
@@ -50,6 +50,8 @@ def cluster_up(state_dir: Path, ports: dict[str, int]) -> subprocess.CompletedPr
         str(ports["dashboard"]),
         "--mlflow-port",
         str(ports["mlflow"]),
+        "--agent-port",
+        str(ports["agent"]),
         "--num-cpus",
         "2",
     )
