@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -184,8 +185,13 @@ def worker_pool(config: SearchConfig) -> Iterator[list]:
     if not ray.is_initialized():
         # "local" unless RAY_ADDRESS is set (as inside a Ray job): never a cluster that a stale
         # /tmp/ray/ray_current_cluster file names.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        # A local Ray offers one more logical CPU than the workers take: Tune's trial coordinators (0.01 CPU
+        # each) must fit beside them, or a search with one worker per core never schedules a trial.
+        needed = math.ceil(config.workers.count * config.workers.cpus) + 1 if config.workers.count != "auto" else 0
         ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
+            address=address,
+            num_cpus=max(os.cpu_count() or 1, needed) if address == "local" else None,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
