@@ -41,7 +41,7 @@ def sampler_config(base: SearchConfig, sampler: str, seed: int, scratch: Path) -
     data.update(name=f"bench-{sampler}-s{seed}", sampler=sampler, seed=seed, storage=f"sqlite:///{scratch}/optuna.db")
     data["results_dir"] = str(scratch / "searches")
     if sampler == "cmaes":
-        data["objectives"] = {"minimize": ["combined"], "constraints": {}}
+        data["objectives"] = {"maximize": [], "minimize": ["combined"], "constraints": {}}
     return SearchConfig.model_validate(data)
 
 
