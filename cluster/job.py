@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.local import HOME_ENV
 from common.errors import UserError
 
 
@@ -71,7 +72,7 @@ def job_config(args: argparse.Namespace):
         except json.JSONDecodeError as error:
             raise UserError(f"--config-json is not valid JSON ({error})") from None
         config = parse_config(data, "--config-json", overrides)
-    home = args.home or Path(os.environ.get("SAFEMERGE_HOME") or Path.cwd())
+    home = args.home or Path(os.environ.get(HOME_ENV) or Path.cwd())
     if not Path(home).is_dir():
         raise UserError(f"--home {home} is not a folder; pass the project folder that holds artifacts/")
     return config.anchored(home)

@@ -97,17 +97,14 @@ def up(options: ClusterOptions, log=print) -> dict:
     existing = read_state(state_dir)
     if existing and any(alive(s["pid"], s["create_time"]) for s in existing["services"].values()):
         raise UserError(f"a cluster recorded in {_state_path(state_dir)} is running; `safemerge cluster down` first")
-    for what, port in (
-        ("Ray GCS", options.ray_port),
-        ("Ray dashboard", options.dashboard_port),
-        ("Ray dashboard agent", options.agent_port),
+    for what, port, option in (
+        ("Ray GCS", options.ray_port, "--ray-port"),
+        ("Ray dashboard", options.dashboard_port, "--dashboard-port"),
+        ("Ray dashboard agent", options.agent_port, "--agent-port"),
+        ("MLflow", options.mlflow_port, "--mlflow-port"),
     ):
         if port_in_use(options.host, port):
-            raise UserError(f"{what} port {options.host}:{port} is in use; stop that service or pick another port")
-    if port_in_use(options.host, options.mlflow_port):
-        raise UserError(
-            f"MLflow port {options.host}:{options.mlflow_port} is in use; stop that server or pass --mlflow-port"
-        )
+            raise UserError(f"{what} port {options.host}:{port} is in use; stop that service or pass {option}")
     state_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
