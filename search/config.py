@@ -129,6 +129,9 @@ class SearchConfig(_Strict):
     objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
     sampler: Literal[SAMPLERS] = "nsga2"  # type: ignore[valid-type]
     trials: int = Field(24, ge=1)
+    warm_start: bool = Field(
+        True, description="the first trials are each method's standard uniform recipe (not with the grid sampler)"
+    )
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     max_failures: int = Field(1, ge=0, description="retries of a failed trial before it is recorded as failed")
     storage: str = "sqlite:///artifacts/optuna.db"

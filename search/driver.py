@@ -25,7 +25,7 @@ from ray.util.queue import Queue
 from common.errors import UserError
 from search.config import SearchConfig, load_config
 from search.pareto import Point, hypervolume, pareto_front
-from search.space import GRID_SPACE, grid_recipe, suggest_recipe
+from search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
 
 METRIC_KEYS = (
     "safety",
@@ -241,8 +241,11 @@ def run_search(
         free_workers.put(index)
     define_by_run = DefineByRun(config, num_layers)
     objectives = config.objectives
+    # A fresh search starts from each method's standard recipe; a resumed one has run (or queued) them already.
+    warm_start = config.warm_start and config.sampler != "grid" and not study.trials
     searcher = ConstrainedOptunaSearch(
         space=define_by_run,
+        points_to_evaluate=standard_points(config, num_layers)[:remaining] if warm_start else None,
         metric=objectives.names(),
         mode=["max" if d == "maximize" else "min" for d in objectives.directions()],
         sampler=make_sampler(config, trials_so_far=len(study.trials)),

@@ -68,6 +68,38 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
     return recipe
 
 
+# Each method's standard recipe, as mergekit's examples write it: every weight and lambda 1, density and t 0.5.
+STANDARD_VALUES = {"weight": 1.0, "density": 0.5, "t": 0.5, "lambda_align": 1.0, "lambda_domain": 1.0}
+
+
+class _StandardTrial:
+    """Answers the search space's suggestions with one method's standard values and records them, so the
+    warm-start points carry exactly the parameter names `suggest_recipe` asks for."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.params = method, {}
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        self.params[name] = self.method
+        return self.method
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        value = next(STANDARD_VALUES[part] for part in name.split(".") if part in STANDARD_VALUES)
+        self.params[name] = min(max(value, low), high)
+        return self.params[name]
+
+
+def standard_points(config: SearchConfig, num_layers: int) -> list[dict[str, Any]]:
+    """The search's warm start: one point per candidate method, its standard uniform recipe (the merge a
+    practitioner tries first), as Optuna parameters."""
+    points = []
+    for method in config.methods:
+        trial = _StandardTrial(method)
+        suggest_recipe(trial, config, num_layers)  # type: ignore[arg-type]
+        points.append(trial.params)
+    return points
+
+
 GRID_WEIGHTS = (0.2, 0.4, 0.6, 0.8, 1.0)
 GRID_DENSITIES = (0.2, 0.4, 0.6, 0.8, 1.0)
 

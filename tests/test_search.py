@@ -19,7 +19,7 @@ from common.errors import UserError
 from merges.recipe import parse_recipe
 from search.config import SEARCHABLE_METHODS, ObjectivesConfig, SearchConfig, load_config
 from search.pareto import Point, hypervolume, pareto_front
-from search.space import GRID_SPACE, grid_recipe, suggest_recipe
+from search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SAFEMERGE = str(Path(sys.executable).parent / "safemerge")
@@ -71,6 +71,31 @@ def test_every_method_of_the_space_builds_a_valid_recipe(method, layer_groups, m
     assert per_group, "each layer group gets its own coefficient"
     if module_filters:
         assert any(".self_attn." in name for name in names) and any(".mlp." in name for name in names)
+
+
+def leaves(setting) -> list[float]:
+    """Every number in a recipe parameter: a scalar, a per-layer list, or a filtered list of those."""
+    if isinstance(setting, dict):
+        return leaves(setting["value"])
+    if isinstance(setting, list):
+        return [value for item in setting for value in leaves(item)]
+    return [setting]
+
+
+def test_warm_start_is_each_methods_standard_recipe():
+    methods = ["task_arithmetic", "ties", "dare_ties", "mergealign", "slerp"]
+    config = zoo_config(methods=methods, layer_groups=2, module_filters=True)
+    points = standard_points(config, num_layers=4)
+    assert [point["method"] for point in points] == methods
+    for point in points:
+        recipe = suggest_recipe(optuna.trial.FixedTrial(point), config, num_layers=4)
+        parse_recipe(recipe)
+        for model in recipe["models"]:
+            for name, setting in model.get("parameters", {}).items():
+                expected = {"weight": 1.0, "density": 0.5, "lambda_align": 1.0, "lambda_domain": 1.0}[name]
+                assert set(leaves(setting)) == {expected}, (point["method"], name)
+        if point["method"] == "slerp":
+            assert set(leaves(recipe["parameters"]["t"])) == {0.5}
 
 
 def test_grid_space_is_the_papers_density_by_weight_grid():
