@@ -4,7 +4,7 @@ end, trials needed to reach random search's final hypervolume, and the workers' 
 Every sampler runs the same search (configs/zoo.yaml) on the same pool of worker actors; cmaes optimizes the
 scalar `combined` (the paper's EvoMM baseline) and is scored on the same (safety, domain) front as the others.
 Targets: the default sampler (nsga2) reaches at least random's and grid's hypervolume, in at most half the
-trials random needs; workers busy at least 90% of the search time with 2 workers.
+trials random needs to reach it (per seed); workers busy at least 90% of the search time with 2 workers.
 
 Run: .venv/bin/python benchmarks/search_efficiency.py [--trials 24] [--seeds 0 1 2] [--workers 2]
 Last line: JSON.
@@ -106,13 +106,18 @@ def main() -> None:
     verdict = {}
     if default and random_:
         needed = [n for n in default["trials_to_random_final_hv"] if n is not None]
+        # per seed: nsga2's trials to random's final hypervolume against the trials random itself needed
+        random_needed = random_["trials_to_random_final_hv"]
         verdict = {
             "nsga2_hv_ge_random": default["hypervolume_mean"] >= random_["hypervolume_mean"],
             "nsga2_hv_ge_grid": "grid" not in summary
             or default["hypervolume_mean"] >= summary["grid"]["hypervolume_mean"],
             "nsga2_trials_to_random_hv_mean": statistics.mean(needed) if needed else None,
-            "nsga2_reaches_random_hv_in_half_budget": len(needed) == len(default["trials_to_random_final_hv"])
-            and max(needed) <= args.trials / 2,
+            "random_trials_to_its_final_hv_mean": statistics.mean(random_needed),
+            "nsga2_reaches_random_hv_in_half_the_trials": all(
+                mine is not None and mine <= theirs / 2
+                for mine, theirs in zip(default["trials_to_random_final_hv"], random_needed, strict=True)
+            ),
         }
     busy = min(row["busy_share_mean"] for row in summary.values())
     print(
