@@ -27,12 +27,6 @@ def parse_table(output: str) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6 open: on the zoo no merge keeps both skills (best dev trade-offs of task arithmetic: "
-    "safety 0.88 / domain 0.70, 0.60 / 0.94); the search's pick (test 0.46 / 0.68) loses to the grid's on "
-    "safety (0.77 / 0.31). strict: this marker must go when the zoo shows the effect.",
-)
 def test_search_with_safety_data_beats_grid_and_domain_only(tmp_path, zoo_dir, data_dir):
     args = search_overrides(
         tmp_path, "paper", 24, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir, quick=False
