@@ -175,6 +175,16 @@ def _breadcrumbs(inputs: TensorInputs, model: str, density: float, buffer: int, 
     smallest = max(0, total - keep - outliers)
     ascending = inputs.sorted_magnitudes(model)
     magnitudes = torch.abs(task_vector, out=inputs.scratch(buffer))
+    upper = smallest + keep
+    if (0 < smallest and ascending[smallest - 1] == ascending[smallest]) or (
+        upper < total and ascending[upper - 1] == ascending[upper]
+    ):
+        # A magnitude tie straddles a cut (rare): which tied element stays is the order of mergekit's ascending
+        # torch.sort, which no threshold reproduces, so take that sort here.
+        order = torch.sort(magnitudes.reshape(-1), descending=False).indices
+        mask = magnitudes.zero_()
+        mask.view(-1)[order[smallest:upper]] = 1.0
+        return mask.mul_(task_vector)
     # Keep ascending ranks [smallest, smallest + keep): the top (total - smallest) minus the top outliers.
     outlier_mask = _top_mask(magnitudes, ascending, total - smallest - keep, inputs.scratch(buffer + 1))
     _top_mask(magnitudes, ascending, total - smallest, magnitudes)
