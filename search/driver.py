@@ -260,7 +260,9 @@ def run_search(
     )
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, max_concurrent_trials=len(workers)),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=remaining, max_concurrent_trials=len(workers), reuse_actors=True
+        ),
         run_config=tune.RunConfig(
             name=f"{config.name}-{int(time.time())}",
             storage_path=str(search_folder(config) / "ray"),
