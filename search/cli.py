@@ -39,13 +39,14 @@ def _cmd_zoo_build(args: argparse.Namespace) -> None:
     from common.fsutil import check_output_dir
 
     check_output_dir(args.out, force=args.force or args.reuse)  # before the slow torch import
-    from zoo.build import ZooSpec, build_zoo, ensure_zoo
+    from zoo.build import MODEL_NAMES, ZooSpec, build_zoo, ensure_zoo
 
     spec = ZooSpec() if args.scale == 1.0 else ZooSpec().scaled(args.scale)
+    models = args.models.split(",") if args.models else MODEL_NAMES
     if args.reuse:
-        ensure_zoo(args.out, seed=args.seed, spec=spec)
+        ensure_zoo(args.out, seed=args.seed, spec=spec, models=models)
         return
-    build_zoo(args.out, seed=args.seed, spec=spec, force=args.force)
+    build_zoo(args.out, seed=args.seed, spec=spec, force=args.force, models=models)
 
 
 def _cmd_data_generate(args: argparse.Namespace) -> None:
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="scale every training step count (smoke tests only: a scaled zoo does not behave)",
+    )
+    build.add_argument(
+        "--models",
+        metavar="NAME,NAME",
+        help="build only these models (and base), e.g. base,aligned,medical; each gets the weights of a full build",
     )
     build.set_defaults(handler=_cmd_zoo_build)
 

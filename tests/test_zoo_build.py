@@ -30,6 +30,19 @@ def test_same_seed_builds_the_same_zoo_byte_for_byte(tmp_path):
     assert a["aligned/model.safetensors"] != c["aligned/model.safetensors"]
 
 
+def test_a_partial_build_gives_the_full_builds_weights(tmp_path):
+    build_zoo(tmp_path / "full", seed=5, spec=SMOKE, log=lambda _: None)
+    manifest = build_zoo(tmp_path / "part", seed=5, spec=SMOKE, log=lambda _: None, models=["medical", "guard"])
+    assert sorted(manifest["models"]) == ["base", "guard", "medical"]  # base always: the others start from it
+    full, part = folder_digest(tmp_path / "full"), folder_digest(tmp_path / "part")
+    assert part and all(full[path] == digest for path, digest in part.items())
+    assert not (tmp_path / "part" / "aligned").exists()
+    assert zoo_build.existing_zoo(tmp_path / "part", SMOKE, 5, ["base", "medical"]) is not None
+    assert zoo_build.existing_zoo(tmp_path / "part", SMOKE, 5) is None  # not the whole zoo
+    with pytest.raises(zoo_build.UserError, match="unknown zoo model.*medicine"):
+        build_zoo(tmp_path / "bad", seed=5, spec=SMOKE, log=lambda _: None, models=["medicine"])
+
+
 def test_zoo_folders_are_llama_checkpoints_with_one_shared_tokenizer(zoo_dir):
     tokenizers = set()
     for name in MODEL_NAMES:

@@ -281,31 +281,52 @@ def spec_hash(spec: ZooSpec, seed: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def existing_zoo(out_dir: Path, spec: ZooSpec, seed: int) -> dict | None:
-    """The manifest of a complete zoo at `out_dir` built from the same spec and seed, else None."""
+def existing_zoo(out_dir: Path, spec: ZooSpec, seed: int, models: Sequence[str] = MODEL_NAMES) -> dict | None:
+    """The manifest of a zoo at `out_dir` built from the same spec and seed that holds `models`, else None."""
     manifest_path = Path(out_dir) / MANIFEST
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("spec_hash") != spec_hash(spec, seed):
         return None
-    if not all((Path(out_dir) / name / "model.safetensors").is_file() for name in MODEL_NAMES):
+    if not all((Path(out_dir) / name / "model.safetensors").is_file() for name in models):
         return None
     return manifest
 
 
-def ensure_zoo(out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), log=print) -> dict:
-    """Keep `out_dir` when it holds a complete zoo of this spec and seed, else build it there; returns the manifest."""
-    if (manifest := existing_zoo(out_dir, spec, seed)) is not None:
+def ensure_zoo(
+    out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), log=print, models: Sequence[str] = MODEL_NAMES
+) -> dict:
+    """Keep `out_dir` when it holds `models` of a zoo of this spec and seed, else build them there; returns the
+    manifest."""
+    if (manifest := existing_zoo(out_dir, spec, seed, models)) is not None:
         log(f"zoo at {out_dir} is up to date (seed {seed}, built in {manifest['build_seconds']} s)")
         return manifest
-    return build_zoo(out_dir, seed=seed, spec=spec, force=True, log=log)
+    return build_zoo(out_dir, seed=seed, spec=spec, force=True, log=log, models=models)
 
 
-def build_zoo(out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), force: bool = False, log=print) -> dict:
-    """Train every zoo model and write them under `out_dir` atomically; returns the zoo manifest."""
+def check_models(models: Sequence[str]) -> list[str]:
+    """The requested zoo models in build order, base always among them (every other model starts from it)."""
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise UserError(f"unknown zoo model(s) {', '.join(unknown)}; choose among {', '.join(MODEL_NAMES)}")
+    return [name for name in MODEL_NAMES if name in models or name == "base"]
+
+
+def build_zoo(
+    out_dir: Path,
+    seed: int = 0,
+    spec: ZooSpec = ZooSpec(),
+    force: bool = False,
+    log=print,
+    models: Sequence[str] = MODEL_NAMES,
+) -> dict:
+    """Train the zoo's models (all, or `models` and the base) and write them under `out_dir` atomically; returns
+    the zoo manifest. A model left out is not trained, but its random draws are still made, so every model
+    built has the weights it has in a full build."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be a whole number such as 0 or 1234, got {seed!r}")
+    wanted = check_models(models)
     check_output_dir(Path(out_dir), force)
     started = time.perf_counter()
     # Every core, whatever the caller's thread setting (a Ray job runs with OMP_NUM_THREADS=1): the same
@@ -393,6 +414,12 @@ def build_zoo(out_dir: Path, seed: int = 0, spec: ZooSpec = ZooSpec(), force: bo
                     ]
                     anchor_batches = _batches(rng, rows, [], 0.0, spec.anchor_batch_size, tokenizer.pad_token_id)
                     anchor = Anchor(base, anchor_batches, weight)
+            if name not in wanted:
+                for _ in range(steps):  # the draws training would make, in its order
+                    next(batches)
+                    if anchor is not None:
+                        next(anchor.batches)
+                continue
             loss = train(model, batches, steps, spec.finetune_lr, name, anchor)
             _save_model(model, tokenizer, staging / name, GUARD_CHAT_TEMPLATE if name == "guard" else CHAT_TEMPLATE)
             _record(manifest, name, staging, model_started, loss, steps, log)
