@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="COMMAND")
     build = zoo_commands.add_parser(
         "build",
-        help="train base, aligned, medical, finance and guard on the CPU (about 5 minutes)",
+        help="train base, aligned, medical, finance and guard on the CPU (about 9 minutes on 2 cores)",
         description="Train the zoo on the CPU and write one Hugging Face folder per model under --out.",
     )
     build.add_argument("--out", type=Path, required=True, help="folder to write the zoo into")
