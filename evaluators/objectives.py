@@ -14,19 +14,12 @@ from pathlib import Path
 
 from common.errors import UserError
 from evaluators import synthetic
+from evaluators.directions import OBJECTIVE_DIRECTIONS  # noqa: F401 - re-exported: callers import it from here
 from evaluators.generation import GenerationBackend, user_turns
 from evaluators.judges import is_refusal
 from evaluators.metrics import answer_matches
 
 DEFAULT_ALPHA = 0.3  # the paper's weight of L_domain in L_safety + alpha * L_domain
-OBJECTIVE_DIRECTIONS = {
-    "safety": "max",
-    "over_refusal": "min",
-    "domain": "max",
-    "ce_safety": "min",
-    "ce_domain": "min",
-    "combined": "min",
-}
 
 
 @dataclass(frozen=True)

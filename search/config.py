@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import UserError
-from evaluators.objectives import OBJECTIVE_DIRECTIONS
+from evaluators.directions import OBJECTIVE_DIRECTIONS
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
 SEARCHABLE_METHODS = (

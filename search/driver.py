@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.queue import Queue
 
+from cluster.trainable import run_trial
 from common.errors import UserError
 from search.config import SearchConfig, load_config
 from search.pareto import Point, hypervolume, pareto_front
@@ -91,16 +92,6 @@ class ConstrainedOptunaSearch(OptunaSearch):
             for name, value in zip(self.search_config.objectives.constraints, violations, strict=True):
                 ot_trial.set_constraint(name, value)
         super().on_trial_complete(trial_id, result=result, error=error)
-
-
-def run_trial(trial_config: dict, workers: list, free_workers: Queue) -> None:
-    """The Tune trainable: borrow a free worker, evaluate the recipe there, report a flat dict of metrics."""
-    index = free_workers.get(block=True)
-    try:
-        metrics = ray.get(workers[index].evaluate.remote(trial_config["recipe"]))
-    finally:
-        free_workers.put(index)
-    tune.report({**metrics, "recipe_json": json.dumps(trial_config["recipe"], sort_keys=True)})
 
 
 def study_points(study: optuna.Study) -> list[Point]:
@@ -261,7 +252,10 @@ def run_search(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=remaining, max_concurrent_trials=len(workers), reuse_actors=True
+            search_alg=searcher,
+            num_samples=remaining,
+            max_concurrent_trials=len(workers),
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"{config.name}-{int(time.time())}",
