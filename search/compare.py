@@ -98,7 +98,7 @@ def compare(
         for label, search_config, choose in searches:
             tracker = Tracker(search_config)
             log(f"compare: {label}: {search_config.trials} trials ({search_config.sampler}); MLflow {tracker.run_url}")
-            study = run_search(search_config, workers, on_trial_finished=tracker.sync_trials, log=log)
+            study = run_search(search_config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)
             if search_config is config:
                 log(format_front(finalize_search(config, study, workers, tracker, log)))
             else:

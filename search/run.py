@@ -30,8 +30,12 @@ def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: 
     log(f"MLflow parent run: {tracker.run_url}")
     try:
         with worker_pool(config) as workers:
-            study = run_search(config, workers, on_trial_finished=tracker.sync_trials, log=log)
-            summary = finalize_search(config, study, workers, tracker, log) if finalize else {}
+            study = run_search(config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)
+            if finalize:
+                summary = finalize_search(config, study, workers, tracker, log)
+            else:
+                tracker.sync_trials(study)
+                summary = {}
     except BaseException:
         tracker.finish("KILLED")
         raise

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -39,6 +41,20 @@ class Tracker:
             else self.client.create_experiment(config.mlflow.experiment)
         )
         self.parent_id = self._parent_run()
+        self._start_background()
+
+    def _start_background(self) -> None:
+        self._sync_lock = threading.Lock()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
+        self._queued: Future | None = None
+
+    # Tune pickles its callbacks (and so this tracker) into the experiment state: the thread parts stay behind.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_sync_lock", "_background", "_queued")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start_background()
 
     def _find(self, extra_filter: str) -> list:
         query = f"tags.`{SEARCH_TAG}` = '{self.config.name}' and {extra_filter}"
@@ -75,8 +91,25 @@ class Tracker:
         uri = self.config.mlflow.tracking_uri.rstrip("/")
         return f"{uri}/#/experiments/{self.experiment_id}/runs/{self.parent_id}"
 
+    def sync_trials_soon(self, study: optuna.Study) -> None:
+        """`sync_trials` on a background thread, so the search loop does not wait on MLflow between trials. A
+        call while one is still queued adds nothing: the queued one logs every trial finished by the time it runs."""
+        if self._queued is not None and not self._queued.running() and not self._queued.done():
+            return
+        self._queued = self._background.submit(self._sync, study)
+
     def sync_trials(self, study: optuna.Study) -> int:
-        """Create a child run for every finished trial that has none yet; returns how many were created."""
+        """Create a child run for every finished trial that has none yet; returns how many were created. Waits
+        for a background sync first, and raises its error if it failed."""
+        if self._queued is not None:
+            self._queued.result()
+        return self._sync(study)
+
+    def _sync(self, study: optuna.Study) -> int:
+        with self._sync_lock:
+            return self._sync_unlocked(study)
+
+    def _sync_unlocked(self, study: optuna.Study) -> int:
         logged = {run.data.tags.get(TRIAL_TAG) for run in self._find(f"tags.`{ROLE_TAG}` = 'trial'")}
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         created = 0
@@ -153,6 +186,9 @@ class Tracker:
         return name, int(version.version)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the parent run; a background sync still running ends first (its error is not raised here: the
+        search may be ending because of another one)."""
+        self._background.shutdown(wait=True)
         self.client.set_terminated(self.parent_id, status=status)
 
 
