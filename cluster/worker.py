@@ -49,6 +49,7 @@ class TrialWorker:
         self.eval_sets = {}
         self.busy_seconds = 0.0
         self.trials = 0
+        self.evaluation_times: list[tuple[float, float]] = []  # (start, end) of each evaluation, epoch seconds
         self.setup_seconds = time.perf_counter() - started
 
     def num_layers(self) -> int:
@@ -70,7 +71,7 @@ class TrialWorker:
 
     def evaluate(self, recipe: dict, split: str = "dev") -> dict[str, float]:
         """Every objective of one recipe on one split, plus this worker's index and the trial's duration."""
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         try:
             self.load(recipe)
             evaluation = self.config.evaluation
@@ -86,6 +87,7 @@ class TrialWorker:
             elapsed = time.perf_counter() - started
             self.busy_seconds += elapsed
             self.trials += 1
+            self.evaluation_times.append((started_at, started_at + elapsed))
         return {**metrics, "worker": float(self.worker_index), "duration_s": elapsed}
 
     def evaluate_folder_weights(self, name: str, split: str = "dev") -> dict[str, float]:
@@ -120,8 +122,14 @@ class TrialWorker:
     def model_paths(self) -> dict[str, str]:
         return {name: str(path) for name, path in self.folders.items()}
 
-    def stats(self) -> dict[str, float]:
-        return {"busy_seconds": self.busy_seconds, "trials": float(self.trials), "setup_seconds": self.setup_seconds}
+    def stats(self) -> dict:
+        """Busy seconds, evaluations and set-up seconds, and when each evaluation ran (for busy-share timelines)."""
+        return {
+            "busy_seconds": self.busy_seconds,
+            "trials": float(self.trials),
+            "setup_seconds": self.setup_seconds,
+            "evaluation_times": list(self.evaluation_times),
+        }
 
     def close(self) -> None:
         for closable in (self.generator, self.ce_scorer, self.judge):
