@@ -19,68 +19,18 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from zoo.random_family import LlamaShape, llama_tensors, write_random_family  # noqa: E402 - after the path
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
 # Llama shape: 12 layers, hidden 768, MLP 2048, vocabulary 32000, untied lm_head: 134.2M parameters.
-SHAPE = {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "vocab": 32000}
-
-
-def llama_tensors(generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
-    hidden, intermediate, vocab = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["vocab"]
-    shapes = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (vocab, hidden),
-    }
-    for layer in range(SHAPE["layers"]):
-        prefix = f"model.layers.{layer}."
-        shapes.update(
-            {
-                prefix + "input_layernorm.weight": (hidden,),
-                prefix + "post_attention_layernorm.weight": (hidden,),
-                **{prefix + f"self_attn.{p}_proj.weight": (hidden, hidden) for p in "qkvo"},
-                prefix + "mlp.gate_proj.weight": (intermediate, hidden),
-                prefix + "mlp.up_proj.weight": (intermediate, hidden),
-                prefix + "mlp.down_proj.weight": (hidden, intermediate),
-            }
-        )
-    return {name: torch.randn(shape, generator=generator) * scale for name, shape in shapes.items()}
+SHAPE = LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000)
 
 
 def build_family(work: Path) -> dict[str, Path]:
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": SHAPE["hidden"],
-        "intermediate_size": SHAPE["intermediate"],
-        "num_hidden_layers": SHAPE["layers"],
-        "num_attention_heads": SHAPE["heads"],
-        "num_key_value_heads": SHAPE["heads"],
-        "vocab_size": SHAPE["vocab"],
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "dtype": "float32",
-    }
-    folders = {name: work / name for name in ("base", "expert_a", "expert_b")}
-    if all((folder / "model.safetensors").is_file() for folder in folders.values()):
-        return folders
-    generator = torch.Generator().manual_seed(0)
-    base = llama_tensors(generator, 0.02)
-    for name, folder in folders.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        tensors = (
-            base
-            if name == "base"
-            else {k: v + d for (k, v), d in zip(base.items(), llama_tensors(generator, 0.002).values(), strict=True)}
-        )
-        save_file(tensors, str(folder / "model.safetensors"))
-    return folders
+    return write_random_family(work, SHAPE, ("expert_a", "expert_b"))
 
 
 def recipe_for(method: str, folders: dict[str, Path]) -> dict:
@@ -177,7 +127,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, folders, args.trials)))
         return
 
-    parameters = sum(tensor.numel() for tensor in llama_tensors(torch.Generator().manual_seed(0), 0.0).values())
+    parameters = sum(tensor.numel() for tensor in llama_tensors(SHAPE, torch.Generator().manual_seed(0), 0.0).values())
     bandwidth = copy_bandwidth()
     results = {}
     for method in METHODS:

@@ -5,22 +5,21 @@ Skipped where no CUDA GPU is present, as in CI; on a GPU machine: `pytest tests/
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from merges.engine import MergeEngine
 from merges.recipe import parse_recipe
+from zoo.random_family import LlamaShape, write_random_family
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(
     DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path has its own tests)"
 )
 
-HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS = 256, 704, 2, 1024, 4
+SHAPE = LlamaShape(hidden=256, intermediate=704, layers=2, heads=4, vocab=1024)
 EXPERTS = ("aligned", "medical")
 DETERMINISTIC = {
     "task_arithmetic": {"weight": [1.0, 0.7]},
@@ -33,56 +32,10 @@ DETERMINISTIC = {
 }
 
 
-def llama_tensors(generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
-    shapes = {
-        "model.embed_tokens.weight": (VOCAB, HIDDEN),
-        "model.norm.weight": (HIDDEN,),
-        "lm_head.weight": (VOCAB, HIDDEN),
-    }
-    for layer in range(LAYERS):
-        prefix = f"model.layers.{layer}."
-        shapes |= {
-            prefix + "input_layernorm.weight": (HIDDEN,),
-            prefix + "post_attention_layernorm.weight": (HIDDEN,),
-            **{prefix + f"self_attn.{p}_proj.weight": (HIDDEN, HIDDEN) for p in "qkvo"},
-            prefix + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            prefix + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            prefix + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-        }
-    return {name: torch.randn(shape, generator=generator) * scale for name, shape in shapes.items()}
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A base and two fine-tunes of it, Llama-shaped, random."""
-    root = tmp_path_factory.mktemp("family")
-    generator = torch.Generator().manual_seed(0)
-    base = llama_tensors(generator, 0.02)
-    models = {"base": base}
-    for name in EXPERTS:
-        models[name] = {
-            key: value + delta
-            for (key, value), delta in zip(base.items(), llama_tensors(generator, 0.002).values(), strict=True)
-        }
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS,
-        "vocab_size": VOCAB,
-        "torch_dtype": "float32",
-    }
-    folders = {}
-    for name, tensors in models.items():
-        folder = root / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        save_file(tensors, str(folder / "model.safetensors"))
-        folders[name] = folder
-    return folders
+    return write_random_family(tmp_path_factory.mktemp("family"), SHAPE, EXPERTS)
 
 
 def engine_on(family: dict[str, Path], device: str) -> MergeEngine:
@@ -102,7 +55,7 @@ def recipe(method: str, parameters: dict, seed: int = 0):
         for i, name in enumerate(EXPERTS)
     ]
     raw = {"merge_method": method, "models": models, "parameters": shared, "seed": seed}
-    if method not in ("linear",):
+    if method != "linear":
         raw["base_model"] = "base"
     return parse_recipe(raw)
 
