@@ -47,8 +47,6 @@ class TrialWorker:
             judge = f"guard:{self.config.resolve_model(models.guard)}"
         self.judge = open_judge(judge)
         self.eval_sets = {}
-        self.busy_seconds = 0.0
-        self.trials = 0
         self.evaluation_times: list[tuple[float, float]] = []  # (start, end) of each evaluation, epoch seconds
         self.setup_seconds = time.perf_counter() - started
 
@@ -85,8 +83,6 @@ class TrialWorker:
             )
         finally:
             elapsed = time.perf_counter() - started
-            self.busy_seconds += elapsed
-            self.trials += 1
             self.evaluation_times.append((started_at, started_at + elapsed))
         return {**metrics, "worker": float(self.worker_index), "duration_s": elapsed}
 
@@ -125,8 +121,8 @@ class TrialWorker:
     def stats(self) -> dict:
         """Busy seconds, evaluations and set-up seconds, and when each evaluation ran (for busy-share timelines)."""
         return {
-            "busy_seconds": self.busy_seconds,
-            "trials": float(self.trials),
+            "busy_seconds": sum(end - start for start, end in self.evaluation_times),
+            "trials": float(len(self.evaluation_times)),
             "setup_seconds": self.setup_seconds,
             "evaluation_times": list(self.evaluation_times),
         }
