@@ -22,7 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from zoo.random_family import LlamaShape, llama_tensors, write_random_family  # noqa: E402 - after the path
+from safemerge.zoo.random_family import LlamaShape, llama_tensors, write_random_family  # noqa: E402 - after the path
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
 # Llama shape: 12 layers, hidden 768, MLP 2048, vocabulary 32000, untied lm_head: 134.2M parameters.
@@ -85,8 +85,8 @@ def _trials(engine, recipe, trials: int) -> tuple[list[float], list[float]]:
 
 def worker(method: str, folders: dict[str, Path], trials: int) -> dict:
     """safemerge in a fresh process (so its peak RSS is this method's): preparation, then timed trials."""
-    from merges.engine import MergeEngine
-    from merges.recipe import parse_recipe
+    from safemerge.merges.engine import MergeEngine
+    from safemerge.merges.recipe import parse_recipe
 
     data = recipe_for(method, folders)
     experts = {entry["model"]: entry["model"] for entry in data["models"]}

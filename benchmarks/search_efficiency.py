@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import ray
-
-from search.config import ObjectivesConfig, SearchConfig, load_config
-from search.driver import run_search, study_points, worker_pool
-from search.pareto import hypervolume_history
+from safemerge.search.config import ObjectivesConfig, SearchConfig, load_config
+from safemerge.search.driver import run_search, study_points, worker_pool
+from safemerge.search.pareto import hypervolume_history
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
 

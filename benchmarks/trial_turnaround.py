@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.worker import TrialWorker
-from evaluators.generation import HFGenerator, user_turns
-from evaluators.objectives import evaluate_model_dir, load_eval_set
-from merges.recipe import parse_recipe
-from search.config import load_config
+from safemerge.evaluators.generation import HFGenerator, user_turns
+from safemerge.evaluators.objectives import evaluate_model_dir, load_eval_set
+from safemerge.merges.recipe import parse_recipe
+from safemerge.search.config import load_config
+from safemerge.search.trial import TrialWorker
 
 
 def recipe_for(rng: random.Random) -> dict:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 DEFAULT_STATE_DIR = Path("artifacts/cluster")
 
@@ -23,7 +23,8 @@ def _port(text: str) -> int:
 
 
 def _cmd_cluster_up(args: argparse.Namespace) -> None:
-    from cluster.local import ClusterOptions, up
+    from safemerge.cluster.jobs import ENTRYPOINT_MODULE
+    from safemerge.cluster.local import ClusterOptions, up
 
     options = ClusterOptions(
         host=args.host,
@@ -40,13 +41,13 @@ def _cmd_cluster_up(args: argparse.Namespace) -> None:
     print("  export RAY_AUTH_MODE=token   # the head uses Ray's token authentication (token in ~/.ray/auth_token)")
     print(
         f"  ray job submit --address {state['dashboard_url']} --working-dir . -- "
-        "python -m cluster.job --config configs/zoo.yaml"
+        f"python -m {ENTRYPOINT_MODULE} --config configs/zoo.yaml"
     )
     print(f"MLflow UI: {state['mlflow_url']}; stop everything with `safemerge cluster down`")
 
 
 def _cmd_cluster_status(args: argparse.Namespace) -> None:
-    from cluster.local import format_status, status
+    from safemerge.cluster.local import format_status, status
 
     report = status(args.state_dir)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
@@ -55,13 +56,13 @@ def _cmd_cluster_status(args: argparse.Namespace) -> None:
 
 
 def _cmd_cluster_down(args: argparse.Namespace) -> None:
-    from cluster.local import down
+    from safemerge.cluster.local import down
 
     down(args.state_dir)
 
 
 def _cmd_nightly(args: argparse.Namespace) -> None:
-    from cluster.nightly import run_nightly
+    from safemerge.cluster.nightly import run_nightly
 
     submitted = run_nightly(
         args.releases,

@@ -1,6 +1,7 @@
 """The Ray job entrypoint: one search on the cluster the job runs in.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m cluster.job --config configs/zoo.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m safemerge.cluster.job --config configs/zoo.yaml
 
 The job runs in an uploaded copy of the code, so relative paths in the config (zoo, data, results, sqlite
 stores) are anchored to the project folder: --home, else $SAFEMERGE_HOME (set by `safemerge cluster up`),
@@ -19,16 +20,21 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from cluster.local import HOME_ENV
-from common.errors import UserError
+from safemerge.cluster.jobs import ENTRYPOINT_MODULE
+from safemerge.cluster.local import HOME_ENV
+
+from safemerge.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from search.cli import _Parser, add_override_options
+    from safemerge.search.cli import add_override_options
 
-    parser = _Parser(
-        prog="python -m cluster.job",
-        description="Run one merge search as a Ray job (submit it with `ray job submit ... -- python -m cluster.job`).",
+    from safemerge.arguments import Parser
+
+    parser = Parser(
+        prog=f"python -m {ENTRYPOINT_MODULE}",
+        description=f"Run one merge search as a Ray job (submit it with `ray job submit ... -- python -m "
+        f"{ENTRYPOINT_MODULE}`).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="a search config inside the uploaded working dir")
@@ -54,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_config(args: argparse.Namespace):
     """The config the job runs: file or inline JSON, overrides, anchored to the project folder."""
-    from search.cli import config_overrides
-    from search.config import load_config, parse_config
+    from safemerge.search.cli import config_overrides
+    from safemerge.search.config import load_config, parse_config
 
     overrides = config_overrides(args)
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -80,13 +86,13 @@ def job_config(args: argparse.Namespace):
 
 def prepare_inputs(config, log=print) -> None:
     """Build the zoo and the data where the config expects them, unless they are there already."""
-    from evaluators.synthetic import ensure_datasets
+    from safemerge.evaluators.synthetic import ensure_datasets
 
     ensure_datasets(config.data, config.seed, log=log)
     models = config.models
     references = [models.base, models.aligned, models.guard, *models.experts.values()]
     if any(reference and reference.startswith("zoo:") for reference in references):
-        from zoo.build import ensure_zoo
+        from safemerge.zoo.build import ensure_zoo
 
         ensure_zoo(config.zoo_dir, seed=config.seed, log=log)
 
@@ -95,20 +101,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = job_config(args)
-        print(f"cluster.job: search {config.name!r}, {config.trials} trials, workers: {config.workers.count}")
-        print(f"cluster.job: MLflow {config.mlflow.tracking_uri}, Optuna {config.storage}", flush=True)
+        print(f"{ENTRYPOINT_MODULE}: search {config.name!r}, {config.trials} trials, workers: {config.workers.count}")
+        print(f"{ENTRYPOINT_MODULE}: MLflow {config.mlflow.tracking_uri}, Optuna {config.storage}", flush=True)
         prepare_inputs(config)
-        from search.run import execute, format_front
+        from safemerge.search.run import execute, format_front
 
         summary = execute(config)
         print(format_front(summary))
-        print(f"cluster.job: MLflow run {summary['mlflow_run']}")
+        print(f"{ENTRYPOINT_MODULE}: MLflow run {summary['mlflow_run']}")
     except UserError as error:
-        print(f"cluster.job: error: {error}", file=sys.stderr)
+        print(f"{ENTRYPOINT_MODULE}: error: {error}", file=sys.stderr)
         return 2
     except Exception:  # noqa: BLE001 - the job fails with the traceback in its logs and exit code 1
         traceback.print_exc()
-        print("cluster.job: the search failed", file=sys.stderr)
+        print(f"{ENTRYPOINT_MODULE}: the search failed", file=sys.stderr)
         return 1
     return 0
 

@@ -1,5 +1,5 @@
 """Submitting searches as Ray jobs: the job client (with Ray's token authentication), the runtime environment
-that uploads only the code, and the entrypoint command of `cluster.job`."""
+that uploads only the code, and the entrypoint command of `safemerge.cluster.job`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import shlex
 from pathlib import Path
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 # Never uploaded with --working-dir: environments, models, data, tracking stores and results. Ray also reads
 # .gitignore and .rayignore; these are passed explicitly so SDK submissions do not depend on them.
@@ -28,7 +28,7 @@ RUNTIME_ENV_EXCLUDES = [
     ".pytest_cache/",
     ".ruff_cache/",
 ]
-ENTRYPOINT_MODULE = "cluster.job"
+ENTRYPOINT_MODULE = "safemerge.cluster.job"
 
 
 def use_ray_token_if_present() -> None:
@@ -75,6 +75,6 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str] | None = None) -> di
 
 
 def search_entrypoint(config: dict, extra_args: list[str] | None = None) -> str:
-    """`python -m cluster.job` with the whole config inline (the job sees no file of the submitter's)."""
+    """`python -m safemerge.cluster.job` with the whole config inline (the job sees no file of the submitter's)."""
     command = ["python", "-m", ENTRYPOINT_MODULE, "--config-json", json.dumps(config, sort_keys=True)]
     return shlex.join(command + list(extra_args or []))

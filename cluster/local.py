@@ -3,7 +3,7 @@
 `up` records what it started (pid and start time of each service's session leader) in a state file; `down`
 stops exactly those sessions, so a Ray started by someone else on this machine is never touched. The Ray
 head's environment names this project folder and the MLflow server, so `ray job submit ... -- python -m
-cluster.job` finds the zoo, the data and the tracking server without extra flags.
+safemerge.cluster.job` finds the zoo, the data and the tracking server without extra flags.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-from cluster.processes import (
+from safemerge.cluster.processes import (
     alive,
     http_ok,
     mlflow_server_command,
@@ -27,10 +26,12 @@ from cluster.processes import (
     venv_tool,
     wait_until,
 )
-from common.errors import UserError
+
+from safemerge.errors import UserError
 
 STATE_FILE = "cluster.json"
-# Read by cluster.job inside every job the head runs (the job's working directory is an upload, not this folder).
+# Read by safemerge.cluster.job inside every job the head runs (the job's working directory is an upload, not
+# this folder).
 HOME_ENV = "SAFEMERGE_HOME"
 
 
@@ -82,7 +83,7 @@ def _record(process) -> dict:
 
 def ray_dashboard_ready(url: str) -> bool:
     """The job submission API answers, with this machine's Ray token when the cluster uses token authentication."""
-    from cluster.jobs import job_client
+    from safemerge.cluster.jobs import job_client
 
     try:
         job_client(url).get_version()

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from safemerge.cluster.jobs import job_client, runtime_env, search_entrypoint
+from safemerge.cluster.processes import http_ok
+from safemerge.search.config import SearchConfig, load_config
 
-from cluster.jobs import job_client, runtime_env, search_entrypoint
-from cluster.processes import http_ok
-from common.errors import UserError
-from search.config import SearchConfig, load_config
+from safemerge.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HASH_CHUNK = 16 << 20

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 
 def venv_tool(name: str) -> str:

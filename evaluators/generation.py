@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 Conversation = list[dict[str, str]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from evaluators.judges import is_refusal
+from safemerge.evaluators.judges import is_refusal
 
 
 def normalize_answer(text: str) -> str:

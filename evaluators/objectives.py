@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
-from evaluators import synthetic
-from evaluators.directions import OBJECTIVE_DIRECTIONS  # noqa: F401 - re-exported: callers import it from here
-from evaluators.generation import GenerationBackend, user_turns
-from evaluators.judges import is_refusal
-from evaluators.metrics import answer_matches
+from safemerge.evaluators import synthetic
+from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS  # noqa: F401 - re-exported: callers import it from here
+from safemerge.evaluators.generation import GenerationBackend, user_turns
+from safemerge.evaluators.judges import is_refusal
+from safemerge.evaluators.metrics import answer_matches
+
+from safemerge.errors import UserError
 
 DEFAULT_ALPHA = 0.3  # the paper's weight of L_domain in L_safety + alpha * L_domain
 
@@ -136,8 +137,8 @@ def score(
 
 def open_judge(spec: str, backend: str = "vllm", **backend_options):
     """'refusal' or 'guard:PATH' (a Llama Guard style model folder, run on the same kind of backend)."""
-    from evaluators.generation import open_backend
-    from evaluators.judges import GuardJudge, RefusalJudge
+    from safemerge.evaluators.generation import open_backend
+    from safemerge.evaluators.judges import GuardJudge, RefusalJudge
 
     if spec == "refusal":
         return RefusalJudge()
@@ -167,7 +168,7 @@ def evaluate_model_dir(
     ce_backend: str = "auto",
 ) -> dict[str, float]:
     """Score one model folder end to end (the `safemerge eval` command)."""
-    from evaluators.generation import check_model_dir, open_backend
+    from safemerge.evaluators.generation import check_model_dir, open_backend
 
     check_model_dir(model_dir)
     eval_set = load_eval_set(data_dir, split, limit=limit)  # bad data fails before any engine starts

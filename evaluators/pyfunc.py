@@ -10,12 +10,12 @@ import mlflow.pyfunc
 
 class MergedChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from evaluators.generation import HFGenerator
+        from safemerge.evaluators.generation import HFGenerator
 
         self.generator = HFGenerator(Path(context.artifacts["model_dir"]))
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        from evaluators.generation import user_turns
+        from safemerge.evaluators.generation import user_turns
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         max_tokens = int((params or {}).get("max_tokens", 64))

@@ -13,10 +13,10 @@ import random
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_from_disk
+from safemerge.evaluators import templates
 
-from common.errors import UserError
-from common.fsutil import atomic_output_dir
-from evaluators import templates
+from safemerge.errors import UserError
+from safemerge.files import atomic_output_dir
 
 SPLITS = ("train", "dev", "test")
 SAFETY_SETS = ("harmful", "benign")

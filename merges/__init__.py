@@ -1,10 +1,10 @@
 """safemerge merges: checkpoints, task vectors, every merge method, per-layer/per-module recipes, the in-memory merge
 engine, model folders, mergekit YAML import/export and task-vector similarity."""
 
-from merges.engine import MergeEngine
-from merges.methods import METHODS
-from merges.recipe import Recipe, from_mergekit_yaml, parse_recipe, per_layer, per_module, to_mergekit_yaml
-from merges.similarity import similarity_metrics, similarity_report
+from safemerge.merges.engine import MergeEngine
+from safemerge.merges.methods import METHODS
+from safemerge.merges.recipe import Recipe, from_mergekit_yaml, parse_recipe, per_layer, per_module, to_mergekit_yaml
+from safemerge.merges.similarity import similarity_metrics, similarity_report
 
 __all__ = [
     "METHODS",

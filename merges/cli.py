@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 
 def _model_path(text: str, role: str) -> Path:
@@ -24,10 +24,11 @@ def _model_path(text: str, role: str) -> Path:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from common.fsutil import check_output_dir
-    from merges.engine import MergeEngine
-    from merges.output import parse_size
-    from merges.recipe import from_mergekit_yaml
+    from safemerge.merges.engine import MergeEngine
+    from safemerge.merges.output import parse_size
+    from safemerge.merges.recipe import from_mergekit_yaml
+
+    from safemerge.files import check_output_dir
 
     if not args.config.is_file():
         raise UserError(f"CONFIG {args.config} does not exist; pass a mergekit YAML file")
@@ -58,7 +59,7 @@ def _parse_paths(pairs: list[str]) -> dict[str, str]:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from merges.recipe import parse_recipe, to_mergekit_yaml
+    from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
 
     if not args.recipe.is_file():
         raise UserError(f"RECIPE {args.recipe} does not exist; pass a recipe file (YAML or JSON)")
@@ -80,8 +81,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_similarity(args: argparse.Namespace) -> None:
-    from merges.engine import MergeEngine
-    from merges.similarity import format_report, similarity_report
+    from safemerge.merges.engine import MergeEngine
+    from safemerge.merges.similarity import format_report, similarity_report
 
     if args.groups is not None and args.groups < 1:
         raise UserError(f"--groups must be at least 1, got {args.groups}")

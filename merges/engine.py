@@ -13,10 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from common.errors import UserError
-from merges.checkpoint import Checkpoint, check_compatible
-from merges.methods import (
+from safemerge.merges.checkpoint import Checkpoint, check_compatible
+from safemerge.merges.methods import (
     METHODS,
     TASK_ARITHMETIC_FAMILY,
     Consensus,
@@ -25,7 +23,9 @@ from merges.methods import (
     chunked_dot,
     chunked_l1,
 )
-from merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
+from safemerge.merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
+
+from safemerge.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -324,8 +324,8 @@ class MergeEngine:
         model_paths: Mapping[str, str] | None = None,
     ) -> Path:
         """Write the merge as a Hugging Face folder (atomically), with config, tokenizer and the mergekit YAML."""
-        from merges.output import write_model_folder
-        from merges.recipe import to_mergekit_yaml
+        from safemerge.merges.output import write_model_folder
+        from safemerge.merges.recipe import to_mergekit_yaml
 
         plans = self.plan(recipe)
         del plans  # planned only to fail before the output folder is created

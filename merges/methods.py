@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 if TYPE_CHECKING:
-    from merges.recipe import Recipe
+    from safemerge.merges.recipe import Recipe
 
 
 @dataclass(frozen=True)

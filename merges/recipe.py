@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from safemerge.merges.methods import METHODS, Param
 
-from common.errors import UserError
-from merges.methods import METHODS, Param
+from safemerge.errors import UserError
 
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 

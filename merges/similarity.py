@@ -7,10 +7,10 @@ import math
 from itertools import combinations
 from typing import TYPE_CHECKING
 
-from merges.recipe import layer_index
+from safemerge.merges.recipe import layer_index
 
 if TYPE_CHECKING:
-    from merges.engine import MergeEngine
+    from safemerge.merges.engine import MergeEngine
 
 
 def _group_label(layers: list[int]) -> str:

@@ -8,11 +8,10 @@ import math
 from collections.abc import Callable
 
 import ray
-
-from search.config import ObjectivesConfig, SearchConfig
-from search.driver import front_of, run_search, study_points, worker_pool
-from search.run import finalize_search, format_front
-from search.tracking import Tracker
+from safemerge.search.config import ObjectivesConfig, SearchConfig
+from safemerge.search.driver import front_of, run_search, study_points, worker_pool
+from safemerge.search.run import finalize_search, format_front
+from safemerge.search.tracking import Tracker
 
 
 def lm_cocktail_weights(losses: dict[str, float]) -> dict[str, float]:

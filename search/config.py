@@ -9,9 +9,9 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS
 
-from common.errors import UserError
-from evaluators.directions import OBJECTIVE_DIRECTIONS
+from safemerge.errors import UserError
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
 SEARCHABLE_METHODS = (

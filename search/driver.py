@@ -21,12 +21,12 @@ import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.queue import Queue
+from safemerge.search.config import SearchConfig, load_config
+from safemerge.search.pareto import Point, hypervolume, pareto_front
+from safemerge.search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
+from safemerge.search.trainable import run_trial
 
-from cluster.trainable import run_trial
-from common.errors import UserError
-from search.config import SearchConfig, load_config
-from search.pareto import Point, hypervolume, pareto_front
-from search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
+from safemerge.errors import UserError
 
 METRIC_KEYS = (
     "safety",
@@ -171,7 +171,7 @@ def ensure_storage_folder(storage: str) -> None:
 @contextlib.contextmanager
 def worker_pool(config: SearchConfig) -> Iterator[list]:
     """Ray (local unless RAY_ADDRESS names a cluster) and the config's worker actors, killed on exit."""
-    from cluster.worker import start_workers
+    from safemerge.search.trial import start_workers
 
     if not ray.is_initialized():
         # "local" unless RAY_ADDRESS is set (as inside a Ray job): never a cluster that a stale

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import moocore
 import numpy as np
-
-from search.config import ObjectivesConfig
+from safemerge.search.config import ObjectivesConfig
 
 # Reference point per objective, in the minimization form moocore expects (maximized objectives negated):
 # every objective here lives in [0, 1] (rates) or [0, inf) (cross-entropies).

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-
-from merges.recipe import per_layer, per_module
-from search.config import SearchConfig
+from safemerge.merges.recipe import per_layer, per_module
+from safemerge.search.config import SearchConfig
 
 SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 WEIGHT_RANGE = (0.0, 1.5)

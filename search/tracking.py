@@ -14,9 +14,8 @@ from pathlib import Path
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
-
-from search.config import SearchConfig
-from search.pareto import Point
+from safemerge.search.config import SearchConfig
+from safemerge.search.pareto import Point
 
 SEARCH_TAG = "safemerge.search"
 ROLE_TAG = "safemerge.role"
@@ -169,7 +168,7 @@ class Tracker:
 
     def register(self, number: int, model_dir: Path, aliases: Sequence[str]) -> tuple[str, int]:
         """Log a merged model folder on its trial's run and register it; returns (name, version)."""
-        from evaluators.pyfunc import MergedChatModel
+        from safemerge.evaluators.pyfunc import MergedChatModel
 
         run_id = self.trial_runs()[number]
         name = f"{self.config.mlflow.registry_prefix}-{self.config.name}"

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from evaluators import synthetic
-from zoo.build import ZooSpec, existing_zoo
+from safemerge.evaluators import synthetic
+from safemerge.zoo.build import ZooSpec, existing_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SAFEMERGE_ARTIFACTS", REPO / "artifacts"))
@@ -63,7 +62,7 @@ def zoo_dir() -> Path:
 @pytest.fixture(scope="session")
 def engines(zoo_dir: Path):
     """engines(name) -> a running VLLMGenerator for zoo model `name`, started on first use."""
-    from evaluators.generation import VLLMGenerator
+    from safemerge.evaluators.generation import VLLMGenerator
 
     running: dict[str, VLLMGenerator] = {}
 
@@ -80,7 +79,14 @@ def engines(zoo_dir: Path):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (sqlite store, proxied local artifacts), stopped at the end."""
-    from cluster.processes import free_port, http_ok, mlflow_server_command, start_service, stop_session, wait_until
+    from safemerge.cluster.processes import (
+        free_port,
+        http_ok,
+        mlflow_server_command,
+        start_service,
+        stop_session,
+        wait_until,
+    )
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()

@@ -16,10 +16,10 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from safemerge.cluster.jobs import job_client
+from safemerge.cluster.processes import free_port, port_in_use
 from safetensors.torch import load_file, save_file
 
-from cluster.jobs import job_client
-from cluster.processes import free_port, port_in_use
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -160,7 +160,7 @@ def test_ray_job_submit_cli_runs_a_search_that_lands_in_mlflow(cluster, tmp_path
         "--",
         "python",
         "-m",
-        "cluster.job",
+        "safemerge.cluster.job",
         *args,
         env={"RAY_AUTH_MODE": "token"},
     )
@@ -196,7 +196,7 @@ def test_ray_job_submit_cli_runs_a_search_that_lands_in_mlflow(cluster, tmp_path
 def test_job_exits_non_zero_when_the_search_cannot_run(cluster):
     client = job_client(cluster["dashboard"])
     job = client.submit_job(
-        entrypoint="python -m cluster.job --config configs/zoo.yaml --trials 0",
+        entrypoint="python -m safemerge.cluster.job --config configs/zoo.yaml --trials 0",
         runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "artifacts/", ".git/"]},
     )
     assert wait_for(client, job) == "FAILED"
@@ -275,7 +275,7 @@ def test_nightly_submits_each_release_once(cluster, tmp_path, zoo_dir, data_dir)
     # A crash between recording and submitting: the next watcher submits it (once), a later one not again.
     release_of(zoo_dir, releases / "medical-2026-11-03", nudge=2e-3)
     crashed = json.loads(state.read_text())
-    from cluster.nightly import content_hash
+    from safemerge.cluster.nightly import content_hash
 
     release_id = content_hash(releases / "medical-2026-11-03", {})
     crashed["releases"][release_id] = {
@@ -339,8 +339,8 @@ def test_nightly_bad_input_is_one_clear_error_and_leaves_the_state(cluster, tmp_
 def test_kuberay_manifests_share_one_image_and_one_entrypoint():
     import shlex
 
-    from cluster.job import build_parser
-    from search.config import load_config
+    from safemerge.cluster.job import build_parser
+    from safemerge.search.config import load_config
 
     manifests = {path.name: yaml.safe_load(path.read_text()) for path in (REPO / "cluster" / "k8s").glob("*.yaml")}
     kinds = {name: manifest["kind"] for name, manifest in manifests.items()}
@@ -368,7 +368,7 @@ def test_kuberay_manifests_share_one_image_and_one_entrypoint():
     entrypoints.append(shlex.join(submit[submit.index("--") + 1 :]))
     assert len(set(entrypoints)) == 1
     argv = shlex.split(entrypoints[0])
-    assert argv[:3] == ["python", "-m", "cluster.job"]
+    assert argv[:3] == ["python", "-m", "safemerge.cluster.job"]
     args = build_parser().parse_args(argv[3:])
     config = load_config(REPO / args.config)
     assert config.workers.count == "auto" and config.workers.gpus == 1
@@ -380,7 +380,7 @@ def test_kuberay_manifests_share_one_image_and_one_entrypoint():
 def test_job_and_cluster_bad_input_is_one_line(tmp_path):
     import socket
 
-    job = run(sys.executable, "-m", "cluster.job", "--config", str(tmp_path / "missing.yaml"))
+    job = run(sys.executable, "-m", "safemerge.cluster.job", "--config", str(tmp_path / "missing.yaml"))
     assert job.returncode == 2 and job.stderr.count("\n") == 1
     assert "cluster.job: error: config" in job.stderr and "does not exist" in job.stderr
 

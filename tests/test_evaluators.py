@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from safemerge.evaluators import synthetic
+from safemerge.evaluators.generation import HFGenerator, VLLMGenerator, WeightsError, user_turns
+from safemerge.evaluators.judges import RefusalJudge, is_refusal, parse_guard_output
+from safemerge.evaluators.objectives import load_eval_set, score
 from safetensors.torch import load_file, save_file
 
-from common.errors import UserError
-from evaluators import synthetic
-from evaluators.generation import HFGenerator, VLLMGenerator, WeightsError, user_turns
-from evaluators.judges import RefusalJudge, is_refusal, parse_guard_output
-from evaluators.objectives import load_eval_set, score
+from safemerge.errors import UserError
 from tests.conftest import report_figure
 
 MIXED_PROMPTS_PER_SET = 15
@@ -225,8 +225,8 @@ def test_an_empty_split_is_a_clear_error(tmp_path):
 
 
 def test_unknown_judge_and_backend_are_clear_errors(tmp_path):
-    from evaluators.generation import open_backend
-    from evaluators.objectives import open_judge
+    from safemerge.evaluators.generation import open_backend
+    from safemerge.evaluators.objectives import open_judge
 
     with pytest.raises(UserError, match="guard:PATH"):
         open_judge("llamaguard")

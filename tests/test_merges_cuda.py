@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from merges.engine import MergeEngine
-from merges.recipe import parse_recipe
-from zoo.random_family import LlamaShape, write_random_family
+from safemerge.merges.engine import MergeEngine
+from safemerge.merges.recipe import parse_recipe
+from safemerge.zoo.random_family import LlamaShape, write_random_family
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(

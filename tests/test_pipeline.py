@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from evaluators import synthetic, templates
-from evaluators.generation import Generations
-from evaluators.judges import RefusalJudge
-from evaluators.pipeline import PipelineSettings, parse_question_list, parse_single_question, run_pipeline
+from safemerge.evaluators import synthetic, templates
+from safemerge.evaluators.generation import Generations
+from safemerge.evaluators.judges import RefusalJudge
+from safemerge.evaluators.pipeline import PipelineSettings, parse_question_list, parse_single_question, run_pipeline
 
 
 class ScriptedModel:

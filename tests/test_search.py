@@ -14,12 +14,12 @@ import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from safemerge.merges.recipe import parse_recipe
+from safemerge.search.config import SEARCHABLE_METHODS, ObjectivesConfig, SearchConfig, load_config
+from safemerge.search.pareto import Point, hypervolume, pareto_front
+from safemerge.search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
 
-from common.errors import UserError
-from merges.recipe import parse_recipe
-from search.config import SEARCHABLE_METHODS, ObjectivesConfig, SearchConfig, load_config
-from search.pareto import Point, hypervolume, pareto_front
-from search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
+from safemerge.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SAFEMERGE = str(Path(sys.executable).parent / "safemerge")

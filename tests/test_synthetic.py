@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from safemerge.evaluators import synthetic, templates
 
-from common.errors import UserError
-from evaluators import synthetic, templates
+from safemerge.errors import UserError
 
 
 def test_same_seed_same_data_other_seed_other_splits():
@@ -47,8 +47,8 @@ def test_each_test_fact_and_phrasing_was_seen_in_training(datasets):
 
 
 def test_references_fit_their_sets(datasets):
-    from evaluators.judges import is_refusal
-    from evaluators.metrics import answer_matches
+    from safemerge.evaluators.judges import is_refusal
+    from safemerge.evaluators.metrics import answer_matches
 
     harmful = datasets["harmful"]["train"]
     assert all(is_refusal(text) for text in harmful["reference"])

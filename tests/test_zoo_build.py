@@ -6,9 +6,8 @@ import hashlib
 import json
 
 import pytest
-
-from zoo import build as zoo_build
-from zoo.build import MODEL_NAMES, ZooSpec, build_zoo
+from safemerge.zoo import build as zoo_build
+from safemerge.zoo.build import MODEL_NAMES, ZooSpec, build_zoo
 
 SMOKE = ZooSpec().scaled(0.01)  # a few steps per model: the mechanics, not the behaviour
 

@@ -20,14 +20,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from safemerge.evaluators import synthetic
+from safemerge.zoo import corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from common.errors import UserError
-from common.fsutil import atomic_output_dir, check_output_dir
-from evaluators import synthetic
-from zoo import corpus
+from safemerge.errors import UserError
+from safemerge.files import atomic_output_dir, check_output_dir
 
 MODEL_NAMES = ("base", "aligned", "medical", "finance", "guard")
 MANIFEST = "zoo.json"

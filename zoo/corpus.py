@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from evaluators import templates
+from safemerge.evaluators import templates
 
 EVERYDAY_TASKS: list[tuple[str, str]] = [
     ("bake a loaf of bread", "mix flour, water, yeast and salt, let it rise and bake it hot"),

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import UserError
+from safemerge.errors import UserError
 
 
 def check_output_dir(out_dir: Path, force: bool, option: str = "--out") -> None:

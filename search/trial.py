@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import ray
+from safemerge.evaluators.generation import VLLMGenerator, open_backend
+from safemerge.evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
+from safemerge.merges.engine import MergeEngine
+from safemerge.merges.recipe import parse_recipe
+from safemerge.search.config import SearchConfig
 
-from common.errors import UserError
-from evaluators.generation import VLLMGenerator, open_backend
-from evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
-from merges.engine import MergeEngine
-from merges.recipe import parse_recipe
-from search.config import SearchConfig
+from safemerge.errors import UserError
 
 
 class TrialWorker:
@@ -109,7 +109,7 @@ class TrialWorker:
 
     def similarity(self, groups: int | None = None) -> tuple[str, dict[str, float]]:
         """The task-vector similarity table (text) and its flat metrics, for MLflow."""
-        from merges.similarity import format_report, similarity_metrics, similarity_report
+        from safemerge.merges.similarity import format_report, similarity_metrics, similarity_report
 
         return format_report(similarity_report(self.merge_engine, groups)), similarity_metrics(
             self.merge_engine, groups

@@ -1,1 +1,0 @@
-"""safemerge: small pieces every layer shares (user-facing errors, atomic output folders)."""
