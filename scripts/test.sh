@@ -14,6 +14,8 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
 fi
 ruff check .
 ruff format --check .
+# The import contracts: the layers point one way (cli -> cluster -> search -> merges, evaluators -> core).
+python scripts/check_layers.py
 started=$SECONDS
 status=0
 pytest "$@" || status=$?
