@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+
 from safemerge.cluster.processes import (
     alive,
     http_ok,
@@ -26,8 +27,8 @@ from safemerge.cluster.processes import (
     venv_tool,
     wait_until,
 )
-
 from safemerge.errors import UserError
+from safemerge.files import write_json_atomic
 
 STATE_FILE = "cluster.json"
 # Read by safemerge.cluster.job inside every job the head runs (the job's working directory is an upload, not
@@ -70,11 +71,7 @@ def read_state(state_dir: Path) -> dict | None:
 
 
 def _write_state(state_dir: Path, state: dict) -> None:
-    path = _state_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_json_atomic(_state_path(state_dir), state)
 
 
 def _record(process) -> dict:

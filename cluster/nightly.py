@@ -13,18 +13,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
 from safemerge.cluster.jobs import job_client, runtime_env, search_entrypoint
 from safemerge.cluster.processes import http_ok
-from safemerge.search.config import SearchConfig, load_config
-
 from safemerge.errors import UserError
+from safemerge.files import write_json_atomic
+from safemerge.search.config import SearchConfig, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HASH_CHUNK = 16 << 20
@@ -137,11 +137,7 @@ def _read_state(path: Path) -> dict:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    if path.is_file():
-        os.replace(path, path.with_name(path.name + ".bak"))
-    os.replace(temporary, path)
+    write_json_atomic(path, state, keep_backup=True, sort_keys=True)
 
 
 def _job_exists(client, submission_id: str) -> bool:

@@ -1,8 +1,9 @@
-"""Atomic output folders: a result appears under its final name complete, or not at all."""
+"""Atomic outputs: a result folder or file appears under its final name complete, or not at all."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -59,3 +60,22 @@ def atomic_output_dir(out_dir: Path, force: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: object, keep_backup: bool = False, sort_keys: bool = False) -> None:
+    """Write `data` as JSON to `path` so that a reader sees the old content or the new, never a part: written
+    beside it, synced, then renamed over it. `keep_backup` copies the previous content to PATH.bak first (the
+    file itself is never absent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        if keep_backup and path.is_file():
+            shutil.copy2(path, path.with_name(path.name + ".bak"))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
