@@ -4,7 +4,6 @@ that uploads only the code, and the entrypoint command of `safemerge.cluster.job
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 from pathlib import Path
@@ -32,25 +31,15 @@ ENTRYPOINT_MODULE = "safemerge.cluster.job"
 
 
 def use_ray_token_if_present() -> None:
-    """Turn on Ray's token authentication for this process when a token is at hand (~/.ray/auth_token,
-    RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE is not set: what `ray start` does, so a client
-    reaches a cluster that a recent Ray started with token authentication on by default."""
+    """Turn on Ray's token authentication for this process when a token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is not set: what `ray start` does, so a client
+    reaches a cluster that a recent Ray started with token authentication on by default. Ray reads the mode
+    from its documented environment variable; nothing of Ray's internals is called."""
     if os.environ.get("RAY_AUTH_MODE"):
         return
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication
-        return
-    # Ray logs a warning about the mode it turns on; the cluster's operator already chose it.
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        logger.setLevel(level)
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_path).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def job_client(address: str):
