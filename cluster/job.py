@@ -22,14 +22,12 @@ from pathlib import Path
 
 from safemerge.cluster.jobs import ENTRYPOINT_MODULE
 from safemerge.cluster.local import HOME_ENV
-
 from safemerge.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from safemerge.search.cli import add_override_options
-
     from safemerge.arguments import Parser
+    from safemerge.search.cli import add_override_options
 
     parser = Parser(
         prog=f"python -m {ENTRYPOINT_MODULE}",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import moocore
 import numpy as np
+
 from safemerge.search.config import ObjectivesConfig
 
 # Reference point per objective, in the minimization form moocore expects (maximized objectives negated):

@@ -12,13 +12,13 @@ from pathlib import Path
 import optuna
 import ray
 from mlflow.entities import Metric
+
+from safemerge.errors import UserError
 from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
 from safemerge.search.config import SearchConfig
 from safemerge.search.driver import front_of, run_search, search_folder, study_points, worker_pool
 from safemerge.search.pareto import hypervolume_history
 from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots, scratch_folder
-
-from safemerge.errors import UserError
 
 SUMMARY = "pareto.json"
 

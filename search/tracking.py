@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
+
 from safemerge.search.config import SearchConfig
 from safemerge.search.pareto import Point
 

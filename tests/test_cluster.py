@@ -16,10 +16,10 @@ import mlflow
 import psutil
 import pytest
 import yaml
-from safemerge.cluster.jobs import job_client
-from safemerge.cluster.processes import free_port, port_in_use
 from safetensors.torch import load_file, save_file
 
+from safemerge.cluster.jobs import job_client
+from safemerge.cluster.processes import free_port, port_in_use
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent

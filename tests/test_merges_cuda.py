@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import parse_recipe
 from safemerge.zoo.random_family import LlamaShape, write_random_family

@@ -6,8 +6,8 @@ import shutil
 
 import optuna
 import pytest
-from safemerge.search.tracking import Tracker
 
+from safemerge.search.tracking import Tracker
 from tests.test_search import zoo_config
 
 

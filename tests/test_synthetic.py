@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from safemerge.evaluators import synthetic, templates
 
 from safemerge.errors import UserError
+from safemerge.evaluators import synthetic, templates
 
 
 def test_same_seed_same_data_other_seed_other_splits():

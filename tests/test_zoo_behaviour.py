@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from safemerge.evaluators.generation import user_turns
 from safemerge.evaluators.judges import GuardJudge
 from safemerge.evaluators.metrics import accuracy, refusal_rate
-
 from tests.conftest import report_figure
 
 pytestmark = pytest.mark.vllm

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+
 from safemerge.zoo import build as zoo_build
 from safemerge.zoo.build import MODEL_NAMES, ZooSpec, build_zoo
 
