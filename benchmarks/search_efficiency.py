@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import ray
+
 from safemerge.search.config import ObjectivesConfig, SearchConfig, load_config
 from safemerge.search.driver import run_search, study_points, worker_pool
 from safemerge.search.pareto import hypervolume_history
-
-SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
+from safemerge.search.samplers import SAMPLER_NAMES
 
 
 def trials_to_reach(history: list[float], target: float) -> int | None:
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=20, help="prompts per set and trial (default: 20)")
-    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
     args = parser.parse_args()
 
     front_objectives = ObjectivesConfig()  # (safety, domain), over_refusal <= 0.1: every sampler is scored on it

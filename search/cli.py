@@ -8,13 +8,14 @@ from pathlib import Path
 
 from safemerge.arguments import whole_number
 from safemerge.errors import UserError
+from safemerge.search.samplers import SAMPLER_NAMES
 
 
 def add_override_options(parser: argparse.ArgumentParser) -> None:
     """The options that override a search config's fields (search run, search compare, the Ray job entrypoint)."""
     parser.add_argument("--name", help="override the search name (also the Optuna study name)")
     parser.add_argument("--trials", type=whole_number, help="override the trial budget")
-    parser.add_argument("--sampler", choices=["nsga2", "tpe", "gp", "random", "grid", "cmaes"], help="override")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="override")
     parser.add_argument("--workers", type=whole_number, help="override the number of worker actors")
     parser.add_argument("--seed", type=whole_number, help="override the seed")
     parser.add_argument(

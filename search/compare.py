@@ -8,10 +8,12 @@ import math
 from collections.abc import Callable
 
 import ray
+
 from safemerge.search.config import ObjectivesConfig, SearchConfig
 from safemerge.search.driver import front_of, run_search, study_points, worker_pool
 from safemerge.search.run import finalize_search, format_front
 from safemerge.search.tracking import Tracker
+from safemerge.search.trial import single_model_recipe
 
 
 def lm_cocktail_weights(losses: dict[str, float]) -> dict[str, float]:
@@ -55,12 +57,9 @@ def compare(
             rows.append({"name": name, **{k: metrics[k] for k in ("safety", "domain", "over_refusal")}})
             log(f"compare: {name}: test safety {metrics['safety']:.3f}, domain {metrics['domain']:.3f}")
 
-        def single(model: str) -> dict:
-            return {"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1.0}}]}
-
-        for model in ["aligned", *experts]:
-            test_row(model, single(model))
-        expert_dev = {e: ray.get(first.evaluate.remote(single(e), "dev"))["domain"] for e in experts}
+        for role in config.models.merged_roles():
+            test_row(role, single_model_recipe(role))
+        expert_dev = {e: ray.get(first.evaluate.remote(single_model_recipe(e), "dev"))["domain"] for e in experts}
         expert_domain = sum(expert_dev.values()) / len(expert_dev)
 
         weights = lm_cocktail_weights(ray.get(first.reference_losses.remote("dev")))

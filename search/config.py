@@ -9,11 +9,14 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS
 
 from safemerge.errors import UserError
+from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS
+from safemerge.search.samplers import SAMPLER_NAMES
 
-SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "cmaes")
+# The roles of a search's input models, as recipes name them; each expert's role is its domain name.
+BASE_ROLE = "base"
+ALIGNED_ROLE = "aligned"
 SEARCHABLE_METHODS = (
     "linear",
     "task_arithmetic",
@@ -48,7 +51,17 @@ class ModelsConfig(_Strict):
         for domain in experts:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", domain):
                 raise ValueError(f"domain {domain!r} must be a lower-case name like 'medical'")
+            if domain in (BASE_ROLE, ALIGNED_ROLE):
+                raise ValueError(f"domain {domain!r} is the name of a model role; call the domain by its field")
         return experts
+
+    def roles(self) -> dict[str, str]:
+        """Role -> model reference: base, aligned and one role per expert, named after its domain."""
+        return {BASE_ROLE: self.base, ALIGNED_ROLE: self.aligned, **self.experts}
+
+    def merged_roles(self) -> list[str]:
+        """The roles a recipe merges onto the base: the aligned model, then the experts."""
+        return [ALIGNED_ROLE, *self.experts]
 
 
 class ObjectivesConfig(_Strict):
@@ -127,7 +140,7 @@ class SearchConfig(_Strict):
     layer_groups: int = Field(2, ge=1)
     module_filters: bool = Field(True, description="separate coefficients for self_attn, mlp and other tensors")
     objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
-    sampler: Literal[SAMPLERS] = "nsga2"  # type: ignore[valid-type]
+    sampler: Literal[SAMPLER_NAMES] = SAMPLER_NAMES[0]  # type: ignore[valid-type]
     trials: int = Field(24, ge=1)
     warm_start: bool = Field(
         True, description="the first trials are each method's standard uniform recipe (not with the grid sampler)"
@@ -165,62 +178,16 @@ class SearchConfig(_Strict):
         return self
 
     def anchored(self, home: Path) -> SearchConfig:
-        """This config with every relative path (folders, sqlite URLs, local model folders) made absolute
-        against `home`: a Ray job runs in an uploaded copy of the code, not in the project folder."""
-        home = Path(home).absolute()
+        """This config with every relative path made absolute against `home` (see `search.anchoring`)."""
+        from safemerge.search.anchoring import anchored
 
-        def path(value: Path) -> Path:
-            return value if Path(value).is_absolute() else home / value
-
-        def url(value: str) -> str:
-            scheme, separator, rest = value.partition(":///")
-            if separator and scheme in ("sqlite", "file") and not rest.startswith("/"):
-                return f"{scheme}:///{home / rest}"
-            if "://" not in value and not Path(value).is_absolute() and value.endswith((".db", "mlruns")):
-                return str(home / value)
-            return value
-
-        def model(reference: str | None) -> str | None:
-            if reference is None or reference.startswith("zoo:") or Path(reference).is_absolute():
-                return reference
-            return str(home / reference) if (home / reference).is_dir() else reference
-
-        data = self.model_dump(mode="json")
-        data.update(
-            zoo_dir=str(path(self.zoo_dir)),
-            data=str(path(self.data)),
-            results_dir=str(path(self.results_dir)),
-            storage=url(self.storage),
-        )
-        data["mlflow"]["tracking_uri"] = url(self.mlflow.tracking_uri)
-        models = data["models"]
-        for key in ("base", "aligned", "guard"):
-            models[key] = model(models[key])
-        models["experts"] = {domain: model(ref) for domain, ref in models["experts"].items()}
-        return SearchConfig.model_validate(data)
+        return anchored(self, home)
 
     def resolve_model(self, reference: str) -> Path:
         """`zoo:NAME` -> the zoo folder; an existing folder -> itself; else a Hugging Face id, downloaded."""
-        if reference.startswith("zoo:"):
-            folder = self.zoo_dir / reference[len("zoo:") :]
-            if not (folder / "config.json").is_file():
-                raise UserError(
-                    f"zoo model {reference!r} is not at {folder}; build the zoo with "
-                    f"`safemerge zoo build --out {self.zoo_dir}`"
-                )
-            return folder
-        folder = Path(reference)
-        if folder.is_dir():
-            return folder
-        from huggingface_hub import snapshot_download
+        from safemerge.search.model_sources import resolve_model
 
-        try:
-            return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"]))
-        except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear line
-            raise UserError(
-                f"model {reference!r} is neither a folder nor reachable on the Hugging Face hub "
-                f"({type(error).__name__}); pass a local folder"
-            ) from None
+        return resolve_model(reference, self.zoo_dir)
 
 
 def load_config(path: Path, overrides: dict | None = None) -> SearchConfig:
@@ -242,8 +209,13 @@ def parse_config(data: dict, source: str, overrides: dict | None = None) -> Sear
     for dotted, value in (overrides or {}).items():
         target = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            target = target.setdefault(key, {})
+        for depth, key in enumerate(parents):
+            if target.get(key) is None:  # absent, or an empty YAML section
+                target[key] = {}
+            target = target[key]
+            if not isinstance(target, dict):
+                parent = ".".join(parents[: depth + 1])
+                raise UserError(f"override {dotted}: {parent} in config {source} is not a section of fields")
         target[leaf] = value
     try:
         return SearchConfig.model_validate(data)

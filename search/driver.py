@@ -1,4 +1,4 @@
-"""The search driver: Ray Tune with OptunaSearch on a persistent Optuna storage, trials on worker actors.
+"""The search driver: Ray Tune with an Optuna study on a persistent storage, trials on worker actors.
 
 The Optuna study (named after the search) is the record of truth: a trial counts once it is told to the
 study. Resuming a killed search puts the trials that were running back in the queue with their own
@@ -19,53 +19,23 @@ import optuna
 import ray
 import yaml
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 from ray.util.queue import Queue
-from safemerge.search.config import SearchConfig, load_config
-from safemerge.search.pareto import Point, hypervolume, pareto_front
-from safemerge.search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
-from safemerge.search.trainable import run_trial
 
 from safemerge.errors import UserError
+from safemerge.search.config import SearchConfig, load_config
+from safemerge.search.pareto import Point, hypervolume, pareto_front
+from safemerge.search.samplers import make_sampler
+from safemerge.search.searcher import StudySearcher
+from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
+from safemerge.search.trainable import run_trial
+from safemerge.search.trial import trial_metric_names
 
-METRIC_KEYS = (
-    "safety",
-    "over_refusal",
-    "domain",
-    "ce_safety",
-    "ce_domain",
-    "combined",
-    "skipped",
-    "worker",
-    "duration_s",
-)
 CONFIG_FILE = "config.yaml"
 
 
-def make_sampler(config: SearchConfig, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured sampler; constraints reach it through each trial's `set_constraint` values.
-
-    The seed is offset by the trials the study already holds: a resumed search must not replay the random
-    proposals of its first run (a fresh search keeps the configured seed exactly)."""
-    seed = config.seed + trials_so_far
-    startup = max(4, config.trials // 5)
-    if config.sampler == "nsga2":
-        population = max(4, min(50, config.trials // 4))  # several generations even on a small budget
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=startup)
-    if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if config.sampler == "grid":
-        return optuna.samplers.GridSampler(GRID_SPACE, seed=seed)
-    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=max(2, config.trials // 6))
-
-
 class DefineByRun:
-    """The search space as Ray's OptunaSearch wants it: a picklable callable of an Optuna trial that returns
-    the recipe as a constant of the trial's config."""
+    """The search space as the searcher asks for it: a picklable callable of an Optuna trial that returns Tune's
+    trial config, the recipe."""
 
     def __init__(self, config: SearchConfig, num_layers: int) -> None:
         self.config, self.num_layers = config, num_layers
@@ -73,25 +43,6 @@ class DefineByRun:
     def __call__(self, trial: optuna.Trial) -> dict:
         recipe_for = grid_recipe if self.config.sampler == "grid" else suggest_recipe
         return {"recipe": recipe_for(trial, self.config, self.num_layers)}
-
-
-class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that also hands Optuna the constraint values and keeps every metric on the trial."""
-
-    def __init__(self, *args, search_config: SearchConfig, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.search_config = search_config
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and result and not error:
-            ot_trial.set_user_attr("metrics", {key: float(result[key]) for key in METRIC_KEYS if key in result})
-            ot_trial.set_user_attr("recipe", json.loads(result["recipe_json"]))
-            violations = self.search_config.objectives.violations(result)
-            ot_trial.set_user_attr("constraint", violations)
-            for name, value in zip(self.search_config.objectives.constraints, violations, strict=True):
-                ot_trial.set_constraint(name, value)
-        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def study_points(study: optuna.Study) -> list[Point]:
@@ -140,21 +91,28 @@ class Progress(tune.Callback):
         self._line(f"{trial.config['recipe']['merge_method']}: FAILED")
 
 
-def open_study(config: SearchConfig) -> optuna.Study:
-    objectives = config.objectives
-    directions = objectives.directions()
+def open_study(
+    config: SearchConfig,
+    storage: optuna.storages.BaseStorage | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> optuna.Study:
     return optuna.create_study(
-        study_name=config.name, storage=config.storage, load_if_exists=True, directions=directions
+        study_name=config.name,
+        storage=storage or config.storage,
+        sampler=sampler,
+        load_if_exists=True,
+        directions=config.objectives.directions(),
     )
 
 
-def requeue_interrupted(study: optuna.Study) -> int:
+def requeue_interrupted(study_name: str, storage: optuna.storages.BaseStorage) -> int:
     """Trials left RUNNING by a killed driver go back to WAITING with their parameters: the next ask()
     picks them up, so they run again under their own number instead of being lost or duplicated."""
-    storage = study._storage  # noqa: SLF001 - the storage API is public; the handle has no public getter
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    study_id = storage.get_study_id_from_name(study_name)
+    stale = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.WAITING)  # noqa: SLF001
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.WAITING)
     return len(stale)
 
 
@@ -202,8 +160,9 @@ def prepare_search(config: SearchConfig, log: Callable[[str], None] = print) -> 
     search_dir = search_folder(config)
     search_dir.mkdir(parents=True, exist_ok=True)
     (search_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    study = open_study(config)
-    requeued = requeue_interrupted(study)
+    storage = optuna.storages.RDBStorage(config.storage)
+    study = open_study(config, storage)
+    requeued = requeue_interrupted(config.name, storage)
     done = finished_count(study)
     if requeued or done:
         log(f"resuming {config.name}: {done} trials finished, {requeued} interrupted trials queued again")
@@ -234,16 +193,12 @@ def run_search(
     objectives = config.objectives
     # A fresh search starts from each method's standard recipe; a resumed one has run (or queued) them already.
     warm_start = config.warm_start and config.sampler != "grid" and not study.trials
-    searcher = ConstrainedOptunaSearch(
-        space=define_by_run,
+    searcher = StudySearcher(
+        open_study(config, sampler=make_sampler(config, trials_so_far=len(study.trials))),
+        define_by_run,
+        objectives,
+        trial_metric_names(config),
         points_to_evaluate=standard_points(config, num_layers)[:remaining] if warm_start else None,
-        metric=objectives.names(),
-        mode=["max" if d == "maximize" else "min" for d in objectives.directions()],
-        sampler=make_sampler(config, trials_so_far=len(study.trials)),
-        study_name=config.name,
-        storage=optuna.storages.RDBStorage(config.storage),
-        seed=config.seed,
-        search_config=config,
     )
     finished = (lambda: on_trial_finished(study)) if on_trial_finished else None
     trainable = tune.with_resources(

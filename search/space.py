@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+
 from safemerge.merges.recipe import per_layer, per_module
-from safemerge.search.config import SearchConfig
+from safemerge.search.config import ALIGNED_ROLE, BASE_ROLE, SearchConfig
 
 SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 WEIGHT_RANGE = (0.0, 1.5)
@@ -41,9 +42,9 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
         t = coefficient(trial, "slerp.t", 0.0, 1.0, config, num_layers)
         return {
             "merge_method": "slerp",
-            "base_model": "aligned",
+            "base_model": ALIGNED_ROLE,
             "parameters": {"t": t},
-            "models": [{"model": "aligned"}, {"model": experts[0]}],
+            "models": [{"model": ALIGNED_ROLE}, {"model": experts[0]}],
         }
 
     if method == "mergealign":  # base + lambda_domain * domain vectors + lambda_align * alignment vector
@@ -51,20 +52,19 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
         lambda_domain = coefficient(trial, "mergealign.lambda_domain", *WEIGHT_RANGE, config, num_layers)
         return {
             "merge_method": "mergealign",
-            "base_model": "base",
-            "alignment_model": "aligned",
-            "models": [{"model": "aligned", "parameters": {"lambda_align": lambda_align}}]
+            "base_model": BASE_ROLE,
+            "alignment_model": ALIGNED_ROLE,
+            "models": [{"model": ALIGNED_ROLE, "parameters": {"lambda_align": lambda_align}}]
             + [{"model": expert, "parameters": {"lambda_domain": lambda_domain}} for expert in experts],
         }
 
     models = []
-    for model in ["aligned", *experts]:
+    for model in config.models.merged_roles():
         parameters = {"weight": coefficient(trial, f"{method}.{model}.weight", *WEIGHT_RANGE, config, num_layers)}
         if method in SPARSIFYING:
             parameters["density"] = trial.suggest_float(f"{method}.{model}.density", *DENSITY_RANGE)
         models.append({"model": model, "parameters": parameters})
-    recipe = {"merge_method": method, "base_model": "base", "models": models, "seed": config.seed}
-    return recipe
+    return {"merge_method": method, "base_model": BASE_ROLE, "models": models, "seed": config.seed}
 
 
 # Each method's standard recipe, as mergekit's examples write it: every weight and lambda 1, density and t 0.5.
@@ -109,10 +109,10 @@ def grid_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -> d
     density = trial.suggest_float("grid.density", GRID_DENSITIES[0], GRID_DENSITIES[-1])
     return {
         "merge_method": "ties",
-        "base_model": "base",
+        "base_model": BASE_ROLE,
         "models": [
             {"model": model, "parameters": {"weight": weight, "density": density}}
-            for model in ["aligned", *config.models.experts]
+            for model in config.models.merged_roles()
         ],
     }
 

@@ -11,13 +11,27 @@ import time
 from pathlib import Path
 
 import ray
+
+from safemerge.errors import UserError
+from safemerge.evaluators.directions import reported_metrics
 from safemerge.evaluators.generation import VLLMGenerator, open_backend
 from safemerge.evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
 from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import parse_recipe
-from safemerge.search.config import SearchConfig
+from safemerge.search.config import BASE_ROLE, SearchConfig
 
-from safemerge.errors import UserError
+# What a worker adds to the evaluator's metrics of a trial.
+WORKER_METRICS = ("worker", "duration_s")
+
+
+def trial_metric_names(config: SearchConfig) -> list[str]:
+    """Every metric a trial of this search reports: the evaluator's (per-domain figures included) and the worker's."""
+    return [*reported_metrics(config.models.experts), *WORKER_METRICS]
+
+
+def single_model_recipe(role: str) -> dict:
+    """The recipe that scores one input model as it is (a baseline: the aligned model, an expert)."""
+    return {"merge_method": "linear", "models": [{"model": role, "parameters": {"weight": 1.0}}]}
 
 
 class TrialWorker:
@@ -28,20 +42,15 @@ class TrialWorker:
         self.config = SearchConfig.model_validate(config)
         self.worker_index = worker_index
         models = self.config.models
-        self.folders = {
-            "base": self.config.resolve_model(models.base),
-            "aligned": self.config.resolve_model(models.aligned),
-        }
-        self.folders.update({domain: self.config.resolve_model(ref) for domain, ref in models.experts.items()})
+        self.folders = {role: self.config.resolve_model(reference) for role, reference in models.roles().items()}
+        base = self.folders[BASE_ROLE]
         self.merge_engine = MergeEngine(
-            self.folders["base"], {name: path for name, path in self.folders.items() if name != "base"}
+            base, {role: path for role, path in self.folders.items() if role != BASE_ROLE}, base_name=BASE_ROLE
         )
         evaluation = self.config.evaluation
-        self.generator = VLLMGenerator(
-            self.folders["base"], max_model_len=evaluation.max_model_len, seed=self.config.seed
-        )
+        self.generator = VLLMGenerator(base, max_model_len=evaluation.max_model_len, seed=self.config.seed)
         ce_backend = default_ce_backend()
-        self.ce_scorer = open_backend(ce_backend, self.folders["base"]) if ce_backend != "vllm" else None
+        self.ce_scorer = open_backend(ce_backend, base) if ce_backend != "vllm" else None
         judge = evaluation.judge
         if judge.startswith("guard"):
             judge = f"guard:{self.config.resolve_model(models.guard)}"
@@ -84,12 +93,7 @@ class TrialWorker:
         finally:
             elapsed = time.perf_counter() - started
             self.evaluation_times.append((started_at, started_at + elapsed))
-        return {**metrics, "worker": float(self.worker_index), "duration_s": elapsed}
-
-    def evaluate_folder_weights(self, name: str, split: str = "dev") -> dict[str, float]:
-        """Score one of the input models as it is (a baseline: the aligned model, an expert)."""
-        recipe = {"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]}
-        return self.evaluate(recipe, split)
+        return {**metrics, **dict(zip(WORKER_METRICS, (float(self.worker_index), elapsed), strict=True))}
 
     def reference_losses(self, split: str = "dev") -> dict[str, float]:
         """Each input model's mean reference cross-entropy on the split (LM-Cocktail's weights come from it)."""
@@ -98,9 +102,9 @@ class TrialWorker:
         prompts = eval_set.harmful_prompts + [p for d in eval_set.domains.values() for p in d.prompts]
         references = eval_set.harmful_refusals + [r for d in eval_set.domains.values() for r in d.references]
         scorer = self.ce_scorer or self.generator
-        for name in ["aligned", *self.config.models.experts]:
-            self.load({"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]})
-            losses[name] = scorer.score_references(prompts, references).mean_nll
+        for role in self.config.models.merged_roles():
+            self.load(single_model_recipe(role))
+            losses[role] = scorer.score_references(prompts, references).mean_nll
         return losses
 
     def save(self, recipe: dict, out_dir: str) -> str:

@@ -1,0 +1,75 @@
+"""The samplers a search can use, by name: the one table that the config validates against and the driver
+builds from. Optuna is imported when a sampler is built, so the config validates without it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import optuna
+
+    from safemerge.search.config import SearchConfig
+
+
+def _startup(config: SearchConfig) -> int:
+    return max(4, config.trials // 5)
+
+
+def _nsga2(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    population = max(4, min(50, config.trials // 4))  # several generations even on a small budget
+    return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+
+
+def _tpe(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=_startup(config))
+
+
+def _gp(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=_startup(config))
+
+
+def _random(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _grid(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    from safemerge.search.space import GRID_SPACE
+
+    return optuna.samplers.GridSampler(GRID_SPACE, seed=seed)
+
+
+def _cmaes(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=max(2, config.trials // 6))
+
+
+# name -> factory(config, seed); the first is the default.
+SAMPLERS: dict[str, Callable[[SearchConfig, int], optuna.samplers.BaseSampler]] = {
+    "nsga2": _nsga2,
+    "tpe": _tpe,
+    "gp": _gp,
+    "random": _random,
+    "grid": _grid,
+    "cmaes": _cmaes,
+}
+SAMPLER_NAMES = tuple(SAMPLERS)
+
+
+def make_sampler(config: SearchConfig, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; constraints reach it through each trial's `set_constraint` values.
+
+    The seed is offset by the trials the study already holds: a resumed search must not replay the random
+    proposals of its first run (a fresh search keeps the configured seed exactly)."""
+    return SAMPLERS[config.sampler](config, config.seed + trials_so_far)

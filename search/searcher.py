@@ -1,0 +1,74 @@
+"""Ray Tune's searcher over an Optuna study, through Optuna's public ask-and-tell interface.
+
+Each Tune trial asks the study for a trial, builds its recipe with the define-by-run space, and tells the
+study the objectives when Tune reports them, with every metric, the recipe and the constraint values kept on
+the Optuna trial. The study (on its persistent storage) is the record of truth; this searcher holds only the
+trials that are running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+
+from safemerge.search.config import ObjectivesConfig
+
+
+class StudySearcher(Searcher):
+    """Proposes trials from `study` with `space` (a function of an Optuna trial returning Tune's trial config),
+    and tells the study what each trial scored; `metric_names` are the metrics kept on each trial."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: Callable[[optuna.Trial], dict[str, Any]],
+        objectives: ObjectivesConfig,
+        metric_names: Sequence[str],
+        points_to_evaluate: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        modes = ["max" if direction == "maximize" else "min" for direction in objectives.directions()]
+        super().__init__(metric=objectives.names(), mode=modes)
+        self.study, self.space, self.objectives = study, space, objectives
+        self.metric_names = list(metric_names)
+        self.running: dict[str, optuna.Trial] = {}
+        for point in points_to_evaluate or []:
+            self.study.enqueue_trial(point)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        trial = self.study.ask()
+        self.running[trial_id] = trial
+        return self.space(trial)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self.running.pop(trial_id, None)
+        if trial is None:
+            return
+        names = [*self.objectives.names(), *self.objectives.constraints]
+        if error or not result or not all(_finite(result.get(name)) for name in names):
+            # Failed, or a figure Optuna cannot compare (missing, NaN): recorded as failed, never left RUNNING.
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        trial.set_user_attr("metrics", {key: float(result[key]) for key in self.metric_names if key in result})
+        trial.set_user_attr("recipe", json.loads(result["recipe_json"]))
+        violations = self.objectives.violations(result)
+        trial.set_user_attr("constraint", violations)
+        for name, value in zip(self.objectives.constraints, violations, strict=True):
+            trial.set_constraint(name, value)
+        self.study.tell(trial, [result[name] for name in self.objectives.names()])
+
+    # Tune checkpoints its searcher; the study's storage already holds everything, so the checkpoint names it.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as file:
+            json.dump({"study": self.study.study_name, "running": len(self.running)}, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: a resumed search reopens the study (see `search.driver.prepare_search`)."""
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
