@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-from safemerge.evaluators import synthetic
-from safemerge.zoo.build import ZooSpec, existing_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SAFEMERGE_ARTIFACTS", REPO / "artifacts"))
@@ -30,6 +28,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
+    from safemerge.evaluators import synthetic  # imported here: the fast tier (tests/unit) needs neither
+
     out = ARTIFACTS / "data"
     sets = synthetic.generate_datasets(SEED)
     manifest = synthetic.manifest_for(sets, SEED)
@@ -40,6 +40,8 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def datasets(data_dir: Path) -> dict:
+    from safemerge.evaluators import synthetic
+
     return synthetic.load_datasets(data_dir)[0]
 
 
@@ -50,6 +52,8 @@ def zoo_dir() -> Path:
     import json
     import subprocess
     import sys
+
+    from safemerge.zoo.build import ZooSpec, existing_zoo
 
     out = ARTIFACTS / "zoo"
     if existing_zoo(out, ZooSpec(), SEED) is None:
