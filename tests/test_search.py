@@ -3,6 +3,7 @@ Ray, real vLLM workers, a real Optuna storage and a real `mlflow server` on loop
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,12 +15,12 @@ import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+
+from safemerge.errors import UserError
 from safemerge.merges.recipe import parse_recipe
 from safemerge.search.config import SEARCHABLE_METHODS, ObjectivesConfig, SearchConfig, load_config
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
-
-from safemerge.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SAFEMERGE = str(Path(sys.executable).parent / "safemerge")
@@ -145,6 +146,23 @@ def search_overrides(
     return args
 
 
+def feasible_front(study: optuna.Study, over_refusal_bound: float = 0.1) -> set[int]:
+    """The trial numbers of a safety/domain study's feasible Pareto front, from its trials' metrics: feasible when
+    over_refusal <= the bound; off the front when another feasible trial is at least as good on both objectives
+    and differs (ties both stay)."""
+    scores = {
+        trial.number: (trial.user_attrs["metrics"]["safety"], trial.user_attrs["metrics"]["domain"])
+        for trial in study.trials
+        if trial.state == optuna.trial.TrialState.COMPLETE
+        and trial.user_attrs["metrics"]["over_refusal"] <= over_refusal_bound
+    }
+    return {
+        number
+        for number, (safety, domain) in scores.items()
+        if not any(s >= safety and d >= domain and (s, d) != (safety, domain) for s, d in scores.values())
+    }
+
+
 @pytest.mark.vllm
 def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, data_dir, monkeypatch):
     name = "e2e"
@@ -180,9 +198,15 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
     children = [r for r in runs if r.data.tags["safemerge.role"] == "trial"]
     assert len(parents) == 1 and len(children) == 5
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-    assert {c.data.tags["pareto"] for c in children} <= {"true", "false"}
+    front = feasible_front(study)  # computed here from the trials, not read from the tracker
+    assert front, "some trial of the zoo search meets the over-refusal constraint"
+    assert {c.data.tags["safemerge.trial"]: c.data.tags["pareto"] for c in children} == {
+        str(number): "true" if number in front else "false" for number in range(5)
+    }
+    summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
+    assert sorted(entry["trial"] for entry in summary["front"]) == sorted(front)
     on_front = [c for c in children if c.data.tags["pareto"] == "true"]
-    assert on_front and all("test_safety" in c.data.metrics for c in on_front)
+    assert all("test_safety" in c.data.metrics for c in on_front)
     failed = [c for c in children if c.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["safemerge.trial"] == "0"
     finished = [c for c in children if c.info.status == "FINISHED"]
