@@ -24,11 +24,10 @@ def _model_path(text: str, role: str) -> Path:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
+    from safemerge.files import check_output_dir
     from safemerge.merges.engine import MergeEngine
     from safemerge.merges.output import parse_size
     from safemerge.merges.recipe import from_mergekit_yaml
-
-    from safemerge.files import check_output_dir
 
     if not args.config.is_file():
         raise UserError(f"CONFIG {args.config} does not exist; pass a mergekit YAML file")

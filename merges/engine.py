@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from safemerge.errors import UserError
 from safemerge.merges.checkpoint import Checkpoint, check_compatible
 from safemerge.merges.methods import (
     METHODS,
@@ -24,8 +26,6 @@ from safemerge.merges.methods import (
     chunked_l1,
 )
 from safemerge.merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
-
-from safemerge.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -353,6 +353,20 @@ def _seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
+def _chunk_generator(key: str, start: int) -> np.random.Generator:
+    """The generator for the chunk at `start`: seeded by key and offset, so no chunk depends on another."""
+    return np.random.Generator(np.random.PCG64(_seed(f"{key}/{start}")))
+
+
+def _in_chunks(size: int, fill: Callable[[int], None]) -> None:
+    """Call fill(start) for each RANDOM_CHUNK of `size` elements, on several threads when there is more than one."""
+    starts = range(0, size, RANDOM_CHUNK)
+    if len(starts) == 1:
+        fill(0)
+    else:
+        list(_random_threads.map(fill, starts))
+
+
 def fill_uniform(buffer: torch.Tensor, key: str) -> torch.Tensor:
     """Fill `buffer` with U[0, 1) seeded by `key`: the same key gives the same numbers, in any order of tensors.
 
@@ -363,14 +377,9 @@ def fill_uniform(buffer: torch.Tensor, key: str) -> torch.Tensor:
     flat = buffer.view(-1).numpy()
 
     def fill(start: int) -> None:
-        generator = np.random.Generator(np.random.PCG64(_seed(f"{key}/{start}")))
-        generator.random(dtype=np.float32, out=flat[start : start + RANDOM_CHUNK])
+        _chunk_generator(key, start).random(dtype=np.float32, out=flat[start : start + RANDOM_CHUNK])
 
-    starts = range(0, flat.size, RANDOM_CHUNK)
-    if len(starts) == 1:
-        fill(0)
-    else:
-        list(_random_threads.map(fill, starts))
+    _in_chunks(flat.size, fill)
     return buffer
 
 
@@ -386,15 +395,9 @@ def keep_mask(buffer: torch.Tensor, probability: float, key: str) -> torch.Tenso
 
     def fill(start: int) -> None:
         chunk = flat[start : start + RANDOM_CHUNK]
-        bits = np.random.Generator(np.random.PCG64(_seed(f"{key}/{start}"))).bit_generator.random_raw(
-            (chunk.numel() + 3) // 4
-        )
+        bits = _chunk_generator(key, start).bit_generator.random_raw((chunk.numel() + 3) // 4)
         draws = torch.from_numpy(bits.view(np.int16)[: chunk.numel()])
         chunk.copy_(draws < threshold)
 
-    starts = range(0, flat.numel(), RANDOM_CHUNK)
-    if len(starts) == 1:
-        fill(0)
-    else:
-        list(_random_threads.map(fill, starts))
+    _in_chunks(flat.numel(), fill)
     return buffer

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safemerge.merges.checkpoint import SAFETENSORS_INDEX, TOKENIZER_FILES
 from safetensors.torch import save_file
 
 from safemerge.errors import UserError
 from safemerge.files import atomic_output_dir
+from safemerge.merges.checkpoint import SAFETENSORS_INDEX, TOKENIZER_FILES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 

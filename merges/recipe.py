@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
-from safemerge.merges.methods import METHODS, Param
 
 from safemerge.errors import UserError
+from safemerge.merges.methods import METHODS, Param
 
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 
@@ -201,13 +201,18 @@ def resolve_parameter(
 # Building recipes from search values.
 
 
+def layer_group(layer: int, groups: int, num_layers: int) -> int:
+    """The group of layer `layer` when num_layers layers are split into `groups` contiguous groups."""
+    return layer * groups // num_layers
+
+
 def per_layer(group_values: Sequence[float], num_layers: int) -> list[float]:
     """A gradient with one value per layer that holds `group_values[g]` on every layer of group g (layers split
     into len(group_values) contiguous groups, 1 to num_layers of them); mergekit reads it back exactly."""
     groups = len(group_values)
     if not 1 <= groups <= num_layers:
         raise UserError(f"layer groups must number 1 to {num_layers} (one per layer at most), got {groups}")
-    return [float(group_values[index * groups // num_layers]) for index in range(num_layers)]
+    return [float(group_values[layer_group(index, groups, num_layers)]) for index in range(num_layers)]
 
 
 def per_module(
@@ -260,10 +265,9 @@ def to_mergekit(recipe: Recipe, model_paths: Mapping[str, str] | None = None) ->
     for entry in recipe.models:
         parameters = {name: _dump(value) for name, value in entry.parameters.items()}
         if method.role_weights:
-            role = "alignment" if entry.model == recipe.alignment_model else "domain"
             parameters = {}
             if entry.model != recipe.base_model:
-                lambda_name = method.role_weights[role]
+                lambda_name = method.role_weights[method.role(recipe, entry.model)]
                 weight = _chain(entry.parameters.get(lambda_name), recipe.parameters.get(lambda_name))
                 parameters["weight"] = _dump(weight if weight is not None else 1.0)
         item: dict[str, Any] = {"model": paths.get(entry.model, entry.model)}

@@ -7,7 +7,7 @@ import math
 from itertools import combinations
 from typing import TYPE_CHECKING
 
-from safemerge.merges.recipe import layer_index
+from safemerge.merges.recipe import layer_group, layer_index
 
 if TYPE_CHECKING:
     from safemerge.merges.engine import MergeEngine
@@ -25,11 +25,10 @@ def similarity_report(engine: MergeEngine, groups: int | None = None) -> dict:
     buckets: dict[str, list[str]] = {}
     layers_of: dict[str, list[int]] = {}
     for index in range(num_layers):
-        group = index * groups // num_layers
-        layers_of.setdefault(f"g{group}", []).append(index)
+        layers_of.setdefault(f"g{layer_group(index, groups, num_layers)}", []).append(index)
     for name in engine.base:
         index = layer_index(name)
-        key = "other" if index is None else f"g{index * groups // num_layers}"
+        key = "other" if index is None else f"g{layer_group(index, groups, num_layers)}"
         buckets.setdefault(key, []).append(name)
     buckets["all"] = list(engine.base)
 

@@ -17,19 +17,6 @@ from safemerge.search.samplers import SAMPLER_NAMES
 # The roles of a search's input models, as recipes name them; each expert's role is its domain name.
 BASE_ROLE = "base"
 ALIGNED_ROLE = "aligned"
-SEARCHABLE_METHODS = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "slerp",
-    "mergealign",
-)
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+]?\d*\.?\d+)\s*$")
 
 
@@ -158,9 +145,14 @@ class SearchConfig(_Strict):
     def _known_methods(cls, methods: list[str]) -> list[str]:
         if not methods:
             raise ValueError("list at least one merge method")
+        # The method table says which methods a search may choose; imported here, as it loads torch (seconds),
+        # which a config that only validates does not need otherwise.
+        from safemerge.merges.methods import searchable_methods
+
+        searchable = searchable_methods()
         for method in methods:
-            if method not in SEARCHABLE_METHODS:
-                raise ValueError(f"unknown or unsearchable method {method!r}; use some of {list(SEARCHABLE_METHODS)}")
+            if method not in searchable:
+                raise ValueError(f"unknown or unsearchable method {method!r}; use some of {list(searchable)}")
         return methods
 
     @model_validator(mode="after")

@@ -11,10 +11,10 @@ from typing import Any
 
 import optuna
 
+from safemerge.merges.methods import sparsifies
 from safemerge.merges.recipe import per_layer, per_module
 from safemerge.search.config import ALIGNED_ROLE, BASE_ROLE, SearchConfig
 
-SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 WEIGHT_RANGE = (0.0, 1.5)
 DENSITY_RANGE = (0.1, 1.0)
 MODULES = ("self_attn", "mlp", "other")
@@ -61,7 +61,7 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
     models = []
     for model in config.models.merged_roles():
         parameters = {"weight": coefficient(trial, f"{method}.{model}.weight", *WEIGHT_RANGE, config, num_layers)}
-        if method in SPARSIFYING:
+        if sparsifies(method):
             parameters["density"] = trial.suggest_float(f"{method}.{model}.density", *DENSITY_RANGE)
         models.append({"model": model, "parameters": parameters})
     return {"merge_method": method, "base_model": BASE_ROLE, "models": models, "seed": config.seed}

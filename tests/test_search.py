@@ -17,10 +17,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from safemerge.errors import UserError
+from safemerge.merges.methods import searchable_methods
 from safemerge.merges.recipe import parse_recipe
-from safemerge.search.config import SEARCHABLE_METHODS, ObjectivesConfig, SearchConfig, load_config
+from safemerge.search.config import ObjectivesConfig, SearchConfig, load_config
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
+
+SEARCHABLE_METHODS = searchable_methods()
 
 REPO = Path(__file__).resolve().parents[1]
 SAFEMERGE = str(Path(sys.executable).parent / "safemerge")

@@ -82,3 +82,17 @@ def test_installed_as_one_namespace_from_any_folder(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_pyproject_lists_every_package_of_the_tree() -> None:
+    """A package folder missing from pyproject's list would be left out of a wheel (the editable install
+    finds it anyway, so only this test notices)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {"safemerge"}
+    for layer in check_layers.LAYER_FOLDERS:
+        for init in (REPO / layer).rglob("__init__.py"):
+            parts = init.parent.relative_to(REPO).parts
+            on_disk.add(".".join(("safemerge", *parts)))
+    assert listed == on_disk

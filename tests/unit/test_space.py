@@ -7,9 +7,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from safemerge.merges.methods import sparsifies
+from safemerge.merges.methods import searchable_methods, sparsifies
 from safemerge.merges.recipe import parse_recipe
-from safemerge.search.config import SEARCHABLE_METHODS
 from safemerge.search.samplers import SAMPLER_NAMES, make_sampler
 from safemerge.search.space import (
     DENSITY_RANGE,
@@ -22,6 +21,8 @@ from safemerge.search.space import (
 )
 
 from .support import make_config
+
+SEARCHABLE_METHODS = searchable_methods()
 
 SAMPLER_CLASSES = {
     "nsga2": optuna.samplers.NSGAIISampler,

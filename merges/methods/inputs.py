@@ -1,0 +1,107 @@
+"""What every merge kernel works on: method parameters (Param), one tensor's inputs over a basis of base and task
+vectors (TensorInputs), their linear combination, and the chunked reductions that keep fp32 sums accurate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: shared by all models of a tensor, or one value per model (per_model)."""
+
+    name: str
+    kind: type
+    default: Any = None  # None: required
+    per_model: bool = False
+
+
+@dataclass
+class TensorInputs:
+    """What a kernel sees for one tensor. Models are vectors over a basis: slot 0 is the engine's reference (base)
+    tensor, slot j > 0 is the task vector of `basis[j]`; `gram` holds their dot products (float64)."""
+
+    name: str
+    basis: list[str]  # basis[0] is the reference model
+    tensors: list[torch.Tensor]  # fp32, same order as basis
+    gram: torch.Tensor
+    l1: list[float]  # L1 norm of each basis tensor
+    sorted_magnitudes: Callable[[str], np.ndarray]  # ascending |task vector|, precomputed once per engine
+    rank_norm: Callable[[str], torch.Tensor]  # della's per-row magnitude rank in [0, 1], precomputed once
+    fill_uniform: Callable[[str, torch.Tensor], torch.Tensor]  # U[0, 1) seeded by (recipe seed, tensor, model)
+    keep_mask: Callable[[str, float, torch.Tensor], torch.Tensor]  # 1.0 with probability p, same seeding
+    scratch: Callable[[int], torch.Tensor]  # reusable fp32 buffers shaped like this tensor
+
+    def origin(self, shared: dict) -> torch.Tensor:
+        """The recipe's base model as basis coefficients (zero when the recipe has no base)."""
+        base = shared.get("base_model")
+        return self.vector(base) if base is not None else torch.zeros(len(self.basis), dtype=torch.float64)
+
+    def slot(self, model: str) -> int:
+        return self.basis.index(model)
+
+    def vector(self, model: str) -> torch.Tensor:
+        """The model as basis coefficients: reference + its task vector."""
+        coefficients = torch.zeros(len(self.basis), dtype=torch.float64)
+        coefficients[0] = 1.0
+        if model != self.basis[0]:
+            coefficients[self.slot(model)] = 1.0
+        return coefficients
+
+    def gram_along(self, dim: int | None) -> torch.Tensor:
+        """Dot products of basis tensors over all elements (dim None) or along one dim (kept for broadcasting)."""
+        if dim is None:
+            return self.gram
+        size = len(self.basis)
+        rows = []
+        for i in range(size):
+            rows.append(
+                [(self.tensors[i].double() * self.tensors[j].double()).sum(dim, keepdim=True) for j in range(size)]
+            )
+        return torch.stack([torch.stack(row) for row in rows]).cpu()  # coefficients are computed on the CPU
+
+
+_CHUNK = 1 << 18  # short fp32 reductions stay accurate (~3e-7); one long one drifts by up to 1e-2
+
+
+def chunked_dot(left: torch.Tensor, right: torch.Tensor) -> float:
+    """Dot product of two flat tensors, accurate to a few 1e-7 relative."""
+    return sum(float(torch.dot(left[i : i + _CHUNK], right[i : i + _CHUNK])) for i in range(0, left.numel(), _CHUNK))
+
+
+_L1_ROW = 1 << 14
+
+
+def chunked_l1(tensor: torch.Tensor) -> float:
+    """Sum of absolute values, accurate to a few 1e-7 relative, as mergekit's rescaling needs: one reduction per
+    row of _L1_ROW elements (a single multi-threaded call), the row sums added in float64."""
+    flat = tensor.reshape(-1)
+    whole = flat.numel() - flat.numel() % _L1_ROW
+    rows = flat[:whole].view(-1, _L1_ROW)
+    total = float(torch.linalg.vector_norm(rows, ord=1, dim=1).double().sum()) if whole else 0.0
+    return total + float(torch.linalg.vector_norm(flat[whole:], ord=1))
+
+
+def combine(inputs: TensorInputs, coefficients: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = sum_j coefficients[j] * basis tensor j; coefficients are scalars [B] or broadcastable [B, ...]."""
+    if coefficients.dim() == 1:
+        values = [float(c) for c in coefficients]
+        terms = [(tensor, value) for tensor, value in zip(inputs.tensors[1:], values[1:], strict=True) if value != 0.0]
+        if values[0] == 1.0 and terms:
+            first, value = terms.pop(0)
+            torch.add(inputs.tensors[0], first, alpha=value, out=out)
+        else:
+            torch.mul(inputs.tensors[0], values[0], out=out)
+        for tensor, value in terms:
+            out.add_(tensor, alpha=value)
+        return out
+    weights = coefficients.to(device=out.device, dtype=torch.float32)
+    torch.mul(inputs.tensors[0], weights[0], out=out)
+    for tensor, weight in zip(inputs.tensors[1:], weights[1:], strict=True):
+        out.addcmul_(tensor, weight)
+    return out

@@ -1,0 +1,161 @@
+"""The method table METHODS: every merge method by name, with its parameters, kernel, model roles and the facts
+other layers ask about it (mergekit's name, whether it is random, sparsifying, or open to a search)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from safemerge.errors import UserError
+from safemerge.merges.methods.inputs import Param, TensorInputs
+from safemerge.merges.methods.interpolation import linear, model_stock, nuslerp, slerp
+from safemerge.merges.methods.sparsify import Sparsification
+from safemerge.merges.methods.task_arithmetic import Consensus, TaskArithmetic
+
+if TYPE_CHECKING:
+    from safemerge.merges.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named method: its parameters, which inputs it takes, its kernel, and what a search may do with it."""
+
+    name: str
+    params: tuple[Param, ...]
+    kernel: Callable[[TensorInputs, dict, dict[str, dict], torch.Tensor], torch.Tensor]
+    base: str = "required"  # required | optional | input (linear: the base is one more weighted input)
+    min_models: int = 1  # models other than the base
+    max_models: int | None = None
+    mergekit_name: str = ""
+    random: bool = False
+    role_weights: dict[str, str] | None = field(default=None)
+    sparsifying: bool = False  # drops elements of each task vector, keeping a per-model `density` share
+    searchable: bool = False  # a search may choose it (search/space.py builds its recipes)
+
+    def inputs(self, recipe: Recipe) -> list[str]:
+        """The models the kernel mixes, in recipe order (the base only where it is a weighted input)."""
+        models = [entry.model for entry in recipe.models if entry.model != recipe.base_model or self.base == "input"]
+        if self.base == "input" and recipe.base_model is not None and recipe.base_model not in models:
+            models.append(recipe.base_model)  # mergekit adds an unlisted base to a linear merge
+        return models
+
+    def check_roles(self, recipe: Recipe, source: str) -> None:
+        if self.base == "required" and recipe.base_model is None:
+            raise UserError(f"{source}: {self.name} needs base_model; add base_model: PATH")
+        others = [entry.model for entry in recipe.models if entry.model != recipe.base_model]
+        if self.base == "input":
+            others = self.inputs(recipe)
+        if len(others) < self.min_models or (self.max_models is not None and len(others) > self.max_models):
+            wanted = (
+                f"exactly {self.min_models}" if self.min_models == self.max_models else f"at least {self.min_models}"
+            )
+            raise UserError(f"{source}: {self.name} merges {wanted} model(s) besides the base, got {len(others)}")
+        if self.role_weights:
+            if recipe.alignment_model not in others:
+                raise UserError(
+                    f"{source}: {self.name} needs alignment_model set to one of the models ({', '.join(others)}); "
+                    "its task vector is the alignment vector"
+                )
+        elif recipe.alignment_model is not None:
+            raise UserError(f"{source}: alignment_model applies to mergealign only; remove it for {self.name}")
+
+    def role(self, recipe: Recipe, model: str) -> str:
+        return "alignment" if model == recipe.alignment_model else "domain"
+
+
+def _task_arithmetic(
+    name: str, row: TaskArithmetic, mergekit_name: str | None = None, searchable: bool = False
+) -> MergeMethod:
+    """A row of the task-arithmetic family as a method."""
+    return MergeMethod(
+        name=name,
+        params=row.params(),
+        kernel=row,
+        min_models=2 if row.role_weights else 1,
+        mergekit_name=mergekit_name or name,
+        random=row.sparsification in (Sparsification.random, Sparsification.della),
+        role_weights=row.role_weights,
+        sparsifying=row.sparsification != Sparsification.none,
+        searchable=searchable,
+    )
+
+
+# One entry per method, in the order a search lists the methods it may choose.
+S, C = Sparsification, Consensus
+METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        MergeMethod(
+            "linear",
+            (Param("weight", float, None, per_model=True), Param("normalize", bool, True)),
+            linear,
+            base="input",
+            mergekit_name="linear",
+            searchable=True,
+        ),
+        _task_arithmetic("task_arithmetic", TaskArithmetic(), searchable=True),
+        _task_arithmetic("ties", TaskArithmetic(S.magnitude, C.sum, normalize=True), searchable=True),
+        _task_arithmetic("dare_ties", TaskArithmetic(S.random, C.sum, rescale=True), searchable=True),
+        _task_arithmetic("dare_linear", TaskArithmetic(S.random, rescale=True), searchable=True),
+        _task_arithmetic("breadcrumbs", TaskArithmetic(S.breadcrumbs), searchable=True),
+        _task_arithmetic("breadcrumbs_ties", TaskArithmetic(S.breadcrumbs, C.sum), searchable=True),
+        _task_arithmetic("della", TaskArithmetic(S.della, C.sum, normalize=True, rescale=True), searchable=True),
+        _task_arithmetic("della_linear", TaskArithmetic(S.della, rescale=True), searchable=True),
+        MergeMethod(
+            "slerp",
+            (Param("t", float, None),),
+            slerp,
+            min_models=1,
+            max_models=1,
+            mergekit_name="slerp",
+            searchable=True,
+        ),
+        # MergeAlign: base + lambda_domain * domain vectors + lambda_align * alignment vector.
+        _task_arithmetic(
+            "mergealign",
+            TaskArithmetic(role_weights={"alignment": "lambda_align", "domain": "lambda_domain"}),
+            mergekit_name="task_arithmetic",
+            searchable=True,
+        ),
+        MergeMethod(
+            "nuslerp",
+            (
+                Param("weight", float, None, per_model=True),
+                Param("nuslerp_row_wise", bool, False),
+                Param("nuslerp_flatten", bool, True),
+            ),
+            nuslerp,
+            base="optional",
+            min_models=2,
+            max_models=2,
+            mergekit_name="nuslerp",
+        ),
+        MergeMethod(
+            "model_stock",
+            (Param("filter_wise", bool, False),),
+            model_stock,
+            min_models=2,
+            mergekit_name="model_stock",
+        ),
+    )
+}
+
+# The rows of the generalized kernel, by method name (the engine builds their sparsification tables).
+TASK_ARITHMETIC_FAMILY: dict[str, TaskArithmetic] = {
+    name: method.kernel for name, method in METHODS.items() if isinstance(method.kernel, TaskArithmetic)
+}
+
+
+def searchable_methods() -> tuple[str, ...]:
+    """The methods a search may choose, in table order."""
+    return tuple(name for name, method in METHODS.items() if method.searchable)
+
+
+def sparsifies(method: str) -> bool:
+    """Whether `method` sparsifies its task vectors, i.e. takes a per-model `density` worth searching (False for
+    a name that is not a method)."""
+    entry = METHODS.get(method)
+    return entry is not None and entry.sparsifying
