@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from safemerge.zoo.random_family import LlamaShape, llama_tensors, write_random_family  # noqa: E402 - after the path
+from safemerge.zoo.random_family import LlamaShape, llama_tensors, write_random_family
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
 # Llama shape: 12 layers, hidden 768, MLP 2048, vocabulary 32000, untied lm_head: 134.2M parameters.

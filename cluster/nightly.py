@@ -25,6 +25,7 @@ from safemerge.cluster.processes import http_ok
 from safemerge.errors import UserError
 from safemerge.files import write_json_atomic
 from safemerge.search.config import SearchConfig, load_config
+from safemerge.weights import SAFETENSORS_INDEX, weight_files
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HASH_CHUNK = 16 << 20
@@ -43,25 +44,14 @@ class Release:
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a model folder in index order; an error naming the folder when it has none."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as error:
-            raise UserError(f"release {folder}: {index.name} is not a safetensors index ({error})") from None
-        files = [folder / shard for shard in shards]
-        missing = [path.name for path in files if not path.is_file()]
-        if missing:
-            raise UserError(f"release {folder}: shards {missing} named in {index.name} are missing")
-        return [index, *files]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files or not (folder / "config.json").is_file():
+    """The files whose content identifies a release: its safetensors index (when sharded) and weight files."""
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise UserError(
             f"release {folder} is not a model folder (it needs config.json and *.safetensors); "
             "move it out of the releases folder or finish copying it"
         )
-    return files
+    index = folder / SAFETENSORS_INDEX
+    return ([index] if index.is_file() else []) + weight_files(folder, f"release {folder}", safetensors_only=True)
 
 
 def content_hash(folder: Path, cache: dict) -> str:

@@ -13,9 +13,8 @@ import torch
 from safetensors import safe_open
 
 from safemerge.errors import UserError
+from safemerge.weights import weight_files
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Tokenizer and generation files a merged folder takes from its tokenizer source (the list mergekit copies).
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -50,7 +49,7 @@ class Checkpoint:
             raise UserError(
                 f"model {self.label!r}: {config_path} is not valid JSON ({error}); restore the file"
             ) from None
-        self._files = self._weight_files()
+        self._files = weight_files(self.folder, f"model {self.label!r}")
         self._stack = ExitStack()
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -63,30 +62,6 @@ class Checkpoint:
                 self._read_pickle(path)
         if not self._where:
             raise UserError(f"model {self.label!r}: {self.folder} holds no tensors; pass a model folder with weights")
-
-    def _weight_files(self) -> list[Path]:
-        for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
-            index_path = self.folder / index_name
-            if index_path.is_file():
-                weight_map = json.loads(index_path.read_text()).get("weight_map", {})
-                files = sorted({self.folder / name for name in weight_map.values()})
-                missing = [path.name for path in files if not path.is_file()]
-                if missing:
-                    raise UserError(
-                        f"model {self.label!r}: {index_name} names shard(s) {', '.join(missing)} that are missing "
-                        f"from {self.folder}; download the complete checkpoint"
-                    )
-                return files
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (self.folder / single).is_file():
-                return [self.folder / single]
-        shards = sorted(self.folder.glob("*.safetensors"))
-        if shards:
-            return shards
-        raise UserError(
-            f"model {self.label!r}: no weights in {self.folder} (expected model.safetensors, {SAFETENSORS_INDEX} "
-            "or pytorch_model.bin); pass a folder that holds the checkpoint"
-        )
 
     def _read_safetensors_header(self, path: Path) -> None:
         try:

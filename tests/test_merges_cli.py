@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safemerge.merges.engine import MergeEngine
-from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
-from safemerge.merges.similarity import similarity_metrics
 from safetensors.torch import load_file, save_file
 
 from safemerge.cli import main as safemerge
+from safemerge.merges.engine import MergeEngine
+from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
+from safemerge.merges.similarity import similarity_metrics
 
 SAFEMERGE = str(Path(sys.executable).parent / "safemerge")
 NAME = "model.layers.2.mlp.up_proj.weight"

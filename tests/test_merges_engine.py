@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safemerge.merges.engine import MergeEngine
-from safemerge.merges.recipe import parse_recipe
 from safetensors.torch import load_file
 
 from safemerge.errors import UserError
+from safemerge.merges.engine import MergeEngine
+from safemerge.merges.recipe import parse_recipe
 
 EXPERTS = ("aligned", "medical")
 # Big enough tensors for the statistics below: 65536 to 102400 elements each.

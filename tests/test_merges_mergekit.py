@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safemerge.merges.engine import MergeEngine
-from safemerge.merges.recipe import Recipe, parse_recipe, per_layer, per_module, to_mergekit_yaml
 from safetensors.torch import load_file
 
 from safemerge.cli import main as safemerge
 from safemerge.errors import UserError
+from safemerge.merges.engine import MergeEngine
+from safemerge.merges.recipe import Recipe, parse_recipe, per_layer, per_module, to_mergekit_yaml
 
 MERGEKIT = str(Path(sys.executable).parent / "mergekit-yaml")
 EXPERTS = ("aligned", "medical", "finance")
