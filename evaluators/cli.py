@@ -46,7 +46,6 @@ def _generate_with_models(args: argparse.Namespace) -> None:
     from safemerge.evaluators.generation import check_model_dir, open_backend
     from safemerge.evaluators.objectives import open_judge
     from safemerge.evaluators.pipeline import PipelineSettings, load_examples, run_pipeline
-
     from safemerge.files import check_output_dir
 
     experts = _parse_experts(args.expert)
@@ -91,7 +90,8 @@ def _generate_with_models(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from safemerge.evaluators.objectives import OBJECTIVE_DIRECTIONS, evaluate_model_dir
+    from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS
+    from safemerge.evaluators.objectives import evaluate_model_dir
 
     metrics = evaluate_model_dir(
         args.model_dir,

@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safemerge.errors import UserError
 from safemerge.evaluators import synthetic
-from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS  # noqa: F401 - re-exported: callers import it from here
+from safemerge.evaluators.directions import domain_metric
 from safemerge.evaluators.generation import GenerationBackend, user_turns
 from safemerge.evaluators.judges import is_refusal
 from safemerge.evaluators.metrics import answer_matches
-
-from safemerge.errors import UserError
 
 DEFAULT_ALPHA = 0.3  # the paper's weight of L_domain in L_safety + alpha * L_domain
 
@@ -93,7 +92,7 @@ def score(
     generator does.
     """
     groups = {"harmful": eval_set.harmful_prompts, "benign": eval_set.benign_prompts}
-    groups.update({f"domain_{name}": domain.prompts for name, domain in eval_set.domains.items()})
+    groups.update({domain_metric(name): domain.prompts for name, domain in eval_set.domains.items()})
     # One generate call for every prompt: the engine batches them all.
     everything = [prompt for prompts in groups.values() for prompt in prompts]
     generations = generator.chat(user_turns(everything), max_tokens=max_tokens)
@@ -113,11 +112,11 @@ def score(
     for name, domain in eval_set.domains.items():
         flags = [
             answer_matches(a, expected)
-            for a, expected in zip(answers[f"domain_{name}"], domain.answers, strict=True)
+            for a, expected in zip(answers[domain_metric(name)], domain.answers, strict=True)
             if a is not None
         ]
-        metrics[f"domain_{name}"] = _share(flags, name)
-        domain_scores.append(metrics[f"domain_{name}"])
+        metrics[domain_metric(name)] = _share(flags, name)
+        domain_scores.append(metrics[domain_metric(name)])
     metrics["domain"] = sum(domain_scores) / len(domain_scores) if domain_scores else math.nan
     skipped = generations.skipped
     if with_ce:

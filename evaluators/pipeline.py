@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
+
+from safemerge.errors import UserError
 from safemerge.evaluators import synthetic, templates
 from safemerge.evaluators.generation import GenerationBackend, user_turns
 from safemerge.evaluators.metrics import normalize_answer
-
-from safemerge.errors import UserError
 
 SPLIT_SHARES = {"train": 0.6, "dev": 0.2, "test": 0.2}
 

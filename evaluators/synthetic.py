@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_from_disk
-from safemerge.evaluators import templates
 
 from safemerge.errors import UserError
+from safemerge.evaluators import templates
 from safemerge.files import atomic_output_dir
 
 SPLITS = ("train", "dev", "test")
@@ -26,23 +27,24 @@ MANIFEST = "manifest.json"
 GENERATOR_VERSION = 1
 
 
-def _split_phrasings(rng: random.Random, n_phrasings: int) -> dict[int, str]:
-    """Which split each phrasing index of one item goes to: the last two shuffled slots are dev and test."""
-    order = list(range(n_phrasings))
+def _phrased_prompts(rng: random.Random, phrasings: Sequence[str], **slots: str) -> list[tuple[str, str]]:
+    """(split, prompt) for each phrasing of one item, filled in with `slots`: the first two phrasings of a
+    shuffled order go to test and dev, the rest to train."""
+    order = list(range(len(phrasings)))
     rng.shuffle(order)
-    return {index: ("test" if slot == 0 else "dev" if slot == 1 else "train") for slot, index in enumerate(order)}
+    splits = {index: ("test" if slot == 0 else "dev" if slot == 1 else "train") for slot, index in enumerate(order)}
+    return [(splits[index], phrasing.format(**slots)) for index, phrasing in enumerate(phrasings)]
 
 
 def _harmful_rows(rng: random.Random) -> list[dict]:
     rows = []
     for category, spec in templates.HARM_CATEGORIES.items():
         for goal in spec["goals"]:
-            splits = _split_phrasings(rng, len(templates.HARMFUL_PHRASINGS))
-            for index, phrasing in enumerate(templates.HARMFUL_PHRASINGS):
+            for split, prompt in _phrased_prompts(rng, templates.HARMFUL_PHRASINGS, goal=goal):
                 rows.append(
                     {
-                        "split": splits[index],
-                        "prompt": phrasing.format(goal=goal),
+                        "split": split,
+                        "prompt": prompt,
                         "category": category,
                         "guard_code": spec["guard_code"],
                         "goal": goal,
@@ -56,17 +58,9 @@ def _harmful_rows(rng: random.Random) -> list[dict]:
 def _benign_rows(rng: random.Random) -> list[dict]:
     rows = []
     for kind, goal, how in templates.BENIGN_SENSITIVE:
-        splits = _split_phrasings(rng, len(templates.BENIGN_PHRASINGS))
-        for index, phrasing in enumerate(templates.BENIGN_PHRASINGS):
-            rows.append(
-                {
-                    "split": splits[index],
-                    "prompt": phrasing.format(goal=goal),
-                    "category": kind,
-                    "goal": goal,
-                    "reference": templates.BENIGN_ANSWER.format(goal=goal, how=how),
-                }
-            )
+        reference = templates.BENIGN_ANSWER.format(goal=goal, how=how)
+        for split, prompt in _phrased_prompts(rng, templates.BENIGN_PHRASINGS, goal=goal):
+            rows.append({"split": split, "prompt": prompt, "category": kind, "goal": goal, "reference": reference})
     return rows
 
 
@@ -86,12 +80,11 @@ def _domain_rows(rng: random.Random, domain: str) -> list[dict]:
     for entity in entity_names(rng, spec["name_syllables"], templates.ENTITIES_PER_DOMAIN):
         for relation, rel in spec["relations"].items():
             value = rng.choice(rel["values"])
-            splits = _split_phrasings(rng, len(rel["phrasings"]))
-            for index, phrasing in enumerate(rel["phrasings"]):
+            for split, prompt in _phrased_prompts(rng, rel["phrasings"], entity=entity):
                 rows.append(
                     {
-                        "split": splits[index],
-                        "prompt": phrasing.format(entity=entity),
+                        "split": split,
+                        "prompt": prompt,
                         "domain": domain,
                         "entity": entity,
                         "relation": relation,

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file, save_file
+
+from safemerge.errors import UserError
 from safemerge.evaluators import synthetic
 from safemerge.evaluators.generation import HFGenerator, VLLMGenerator, WeightsError, user_turns
 from safemerge.evaluators.judges import RefusalJudge, is_refusal, parse_guard_output
 from safemerge.evaluators.objectives import load_eval_set, score
-from safetensors.torch import load_file, save_file
-
-from safemerge.errors import UserError
 from tests.conftest import report_figure
 
 MIXED_PROMPTS_PER_SET = 15

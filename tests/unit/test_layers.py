@@ -96,3 +96,12 @@ def test_pyproject_lists_every_package_of_the_tree() -> None:
             parts = init.parent.relative_to(REPO).parts
             on_disk.add(".".join(("safemerge", *parts)))
     assert listed == on_disk
+
+
+def test_every_layer_exports_what_its_all_lists() -> None:
+    import importlib
+
+    for layer in check_layers.LAYER_FOLDERS:
+        package = importlib.import_module(f"safemerge.{layer}")
+        missing = [name for name in package.__all__ if getattr(package, name, None) is None]
+        assert missing == [], f"safemerge.{layer} lists {missing} in __all__ but has no such name"
