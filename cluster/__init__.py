@@ -4,14 +4,9 @@ KubeRay and cron manifests (cluster/k8s/)."""
 
 from safemerge.lazy import lazy_exports
 
-_EXPORTS = {
-    "ClusterOptions": "local",
-    "up": "local",
-    "status": "local",
-    "down": "local",
-    "run_nightly": "nightly",
-    "job_client": "jobs",
-    "search_entrypoint": "jobs",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    local=("ClusterOptions", "up", "status", "down"),
+    nightly=("run_nightly",),
+    jobs=("job_client", "search_entrypoint"),
+)

@@ -3,26 +3,12 @@
 
 from safemerge.lazy import lazy_exports
 
-_EXPORTS = {
-    "OBJECTIVE_DIRECTIONS": "directions",
-    "reported_metrics": "directions",
-    "generate_datasets": "synthetic",
-    "ensure_datasets": "synthetic",
-    "load_datasets": "synthetic",
-    "save_datasets": "synthetic",
-    "run_pipeline": "pipeline",
-    "PipelineSettings": "pipeline",
-    "GenerationBackend": "generation",
-    "VLLMGenerator": "generation",
-    "HFGenerator": "generation",
-    "open_backend": "generation",
-    "RefusalJudge": "judges",
-    "GuardJudge": "judges",
-    "EvalSet": "objectives",
-    "load_eval_set": "objectives",
-    "open_judge": "objectives",
-    "score": "objectives",
-    "evaluate_model_dir": "objectives",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    directions=("OBJECTIVE_DIRECTIONS", "reported_metrics"),
+    synthetic=("generate_datasets", "ensure_datasets", "load_datasets", "save_datasets"),
+    pipeline=("run_pipeline", "PipelineSettings"),
+    generation=("GenerationBackend", "VLLMGenerator", "HFGenerator", "open_backend"),
+    judges=("RefusalJudge", "GuardJudge"),
+    objectives=("EvalSet", "load_eval_set", "open_judge", "score", "evaluate_model_dir"),
+)

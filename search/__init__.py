@@ -4,28 +4,16 @@ of the chosen merges."""
 
 from safemerge.lazy import lazy_exports
 
-_EXPORTS = {
-    "SearchConfig": "config",
-    "load_config": "config",
-    "parse_config": "config",
-    "SAMPLERS": "samplers",
-    "make_sampler": "samplers",
-    "suggest_recipe": "space",
-    "standard_points": "space",
-    "StudySearcher": "searcher",
-    "TrialWorker": "trial",
-    "start_workers": "trial",
-    "run_search": "driver",
-    "worker_pool": "driver",
-    "Point": "pareto",
-    "pareto_front": "pareto",
-    "hypervolume": "pareto",
-    "Tracker": "tracking",
-    "execute": "run",
-    "format_front": "run",
-    "load_summary": "run",
-    "compare": "compare",
-    "format_comparison": "compare",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    config=("SearchConfig", "load_config", "parse_config"),
+    samplers=("SAMPLERS", "make_sampler"),
+    space=("suggest_recipe", "standard_points"),
+    searcher=("StudySearcher",),
+    trial=("TrialWorker", "start_workers"),
+    driver=("run_search", "worker_pool"),
+    pareto=("Point", "pareto_front", "hypervolume"),
+    tracking=("Tracker",),
+    run=("execute", "format_front", "load_summary"),
+    compare=("compare", "format_comparison"),
+)

@@ -3,14 +3,8 @@ built on the CPU in minutes, and random Llama-shaped families of real shapes for
 
 from safemerge.lazy import lazy_exports
 
-_EXPORTS = {
-    "MODEL_NAMES": "build",
-    "ZooSpec": "build",
-    "build_zoo": "build",
-    "ensure_zoo": "build",
-    "existing_zoo": "build",
-    "LlamaShape": "random_family",
-    "write_random_family": "random_family",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    build=("MODEL_NAMES", "ZooSpec", "build_zoo", "ensure_zoo", "existing_zoo"),
+    random_family=("LlamaShape", "write_random_family"),
+)
