@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from safemerge.errors import UserError
 from safemerge.files import atomic_output_dir
-from safemerge.merges.checkpoint import SAFETENSORS_INDEX, TOKENIZER_FILES
+from safemerge.merges.checkpoint import TOKENIZER_FILES
+from safemerge.weights import SAFETENSORS_INDEX
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 

@@ -105,3 +105,15 @@ def test_every_layer_exports_what_its_all_lists() -> None:
         package = importlib.import_module(f"safemerge.{layer}")
         missing = [name for name in package.__all__ if getattr(package, name, None) is None]
         assert missing == [], f"safemerge.{layer} lists {missing} in __all__ but has no such name"
+
+
+def test_every_module_imports() -> None:
+    """A broken import in a module only a long run reaches (a merge's save, a job's finalization) fails here."""
+    import importlib
+
+    for path in check_layers.python_files(REPO):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        if parts[0] in check_layers.FREE_FOLDERS:
+            continue
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        importlib.import_module(module if parts[0] == "safemerge" else f"safemerge.{module}")
