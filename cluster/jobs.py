@@ -30,27 +30,33 @@ RUNTIME_ENV_EXCLUDES = [
 ENTRYPOINT_MODULE = "safemerge.cluster.job"
 
 
-def use_ray_token_if_present() -> None:
-    """Turn on Ray's token authentication for this process when a token is at hand (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is not set: what `ray start` does, so a client
-    reaches a cluster that a recent Ray started with token authentication on by default. Ray reads the mode
-    from its documented environment variable; nothing of Ray's internals is called."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_path).is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
+def ray_token() -> str | None:
+    """This machine's Ray token, where Ray's documentation puts it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH
+    names, or ~/.ray/auth_token; None when there is none, or when RAY_AUTH_MODE turns authentication off."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
 
 
 def job_client(address: str):
-    """A `JobSubmissionClient` for the dashboard at `address`; one clear error when it does not answer."""
+    """A `JobSubmissionClient` for the dashboard at `address`; one clear error when it does not answer.
+
+    With a token at hand it authenticates as `ray job submit` does on a cluster with token authentication (the
+    default of a recent Ray): the token goes in the standard bearer header, which works however early this
+    process imported Ray, and RAY_AUTH_MODE=token is set for the Ray clients it builds later."""
+    token = ray_token()
+    if token is not None:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
-    use_ray_token_if_present()
     if "://" not in address:
         address = f"http://{address}"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as error:  # noqa: BLE001 - connection refused, DNS, auth: one line naming the address
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(

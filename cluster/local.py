@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,19 @@ def ray_dashboard_ready(url: str) -> bool:
         return False
 
 
+def ensure_ray_token() -> None:
+    """Make sure this machine has a Ray token (~/.ray/auth_token, or where RAY_AUTH_TOKEN_PATH points), so the
+    head always runs with token authentication: `ray start` turns it on only where a token already exists,
+    which on a fresh machine depends on whether anything called `ray.init()` before. Ray's own
+    `ray get-auth-token --generate` writes one when there is none; the token it prints is not kept."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    generated = subprocess.run([venv_tool("ray"), "get-auth-token", "--generate"], capture_output=True, text=True)
+    if generated.returncode != 0:
+        reason = (generated.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"could not create a Ray authentication token ({reason}); run `ray get-auth-token --generate`")
+
+
 def up(options: ClusterOptions, log=print) -> dict:
     """Start the Ray head and the MLflow server, wait until both answer, record them; returns the state."""
     state_dir = Path(options.state_dir).absolute()
@@ -145,8 +159,10 @@ def up(options: ClusterOptions, log=print) -> dict:
     if options.num_gpus is not None:
         ray_command += ["--num-gpus", str(options.num_gpus)]
     ray_log = state_dir / "ray.log"
+    ensure_ray_token()
     # Jobs inherit the head's environment: this project folder, the tracking server, and this venv's python.
     job_env = {
+        "RAY_AUTH_MODE": "token",
         HOME_ENV: str(Path.cwd()),
         "MLFLOW_TRACKING_URI": options.mlflow_url,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
