@@ -174,7 +174,8 @@ def test_ray_job_submit_cli_runs_a_search_that_lands_in_mlflow(cluster, tmp_path
     # The upload is the code: kilobytes, without the venv, the zoo or any store.
     package = Path(client.get_job_info("job-cli-test").runtime_env["working_dir"])
     assert package.name.startswith("_ray_pkg_")
-    uploads = sorted(Path("/tmp/ray/session_latest/runtime_resources/working_dir_files").glob(f"{package.stem}*"))
+    # Under the head's own session folder (not session_latest: another Ray on the machine may have started since).
+    uploads = sorted(Path("/tmp/ray").glob(f"session_*/runtime_resources/working_dir_files/{package.stem}*"))
     unpacked = next(path for path in uploads if path.is_dir())
     size = sum(path.stat().st_size for path in unpacked.rglob("*") if path.is_file())
     assert size < 2_000_000
