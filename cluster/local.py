@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from safemerge.cluster.jobs import ray_token
 from safemerge.cluster.processes import (
     alive,
     http_ok,
@@ -95,7 +96,7 @@ def ensure_ray_token() -> None:
     head always runs with token authentication: `ray start` turns it on only where a token already exists,
     which on a fresh machine depends on whether anything called `ray.init()` before. Ray's own
     `ray get-auth-token --generate` writes one when there is none; the token it prints is not kept."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
+    if ray_token() is not None:  # the same lookup the clients use: nothing to generate, no subprocess
         return
     generated = subprocess.run([venv_tool("ray"), "get-auth-token", "--generate"], capture_output=True, text=True)
     if generated.returncode != 0:
