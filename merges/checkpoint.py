@@ -55,6 +55,7 @@ class Checkpoint:
         self._dtypes: dict[str, torch.dtype] = {}
         self._where: dict[str, Path] = {}
         self._sources: dict[Path, Any] = {}  # a safe_open handle or a loaded state dict
+        self._offsets: dict[str, tuple[int, int]] = {}  # safetensors: each tensor's byte range in its file
         for path in self._files:
             if path.suffix == ".safetensors":
                 self._read_safetensors_header(path)
@@ -74,6 +75,7 @@ class Checkpoint:
             self._dtypes[name] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
             self._where[name] = path
         self._sources[path] = handle
+        self._offsets.update(_data_offsets(path))
 
     def _read_pickle(self, path: Path) -> None:
         try:
@@ -113,6 +115,30 @@ class Checkpoint:
             return source[name]
         return source.get_tensor(name)
 
+    def read(self, name: str, device: torch.device | str = "cpu", pin: bool = False) -> torch.Tensor:
+        """Tensor `name` in memory of its own at its checkpoint dtype, on `device` (pinned host memory with `pin`).
+
+        safetensors bytes are read straight into the tensor with plain file reads rather than through the memory
+        map: a mapped page counts in the process's memory until the file is closed, so reading a model through
+        the map holds it twice until then."""
+        device = torch.device(device)
+        if name not in self._offsets:  # a pickle checkpoint: torch.load mapped it already
+            return self.tensor(name).to(device, copy=True)
+        begin, end = self._offsets[name]
+        staged = torch.empty(self._shapes[name], dtype=self._dtypes[name], pin_memory=pin and device.type == "cpu")
+        view = staged.view(-1).view(torch.uint8).numpy() if staged.numel() else None
+        if view is not None:
+            if view.nbytes != end - begin:
+                raise UserError(
+                    f"model {self.label!r}: tensor {name} in {self._where[name]} holds {end - begin} bytes, not the "
+                    f"{view.nbytes} its shape and dtype need; re-download the file"
+                )
+            with open(self._where[name], "rb") as file:
+                file.seek(begin)
+                if file.readinto(view) != view.nbytes:
+                    raise UserError(f"model {self.label!r}: {self._where[name]} is truncated; re-download the file")
+        return staged if device.type == "cpu" else staged.to(device)
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
             yield name, self.tensor(name)
@@ -136,6 +162,72 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# Tensors with one row per token: a vocabulary mismatch shows in their first dimension.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
+OUTPUT_LAYER = "lm_head.weight"
+
+
+def _vocabulary(checkpoint: Checkpoint) -> tuple[int | None, dict[str, int]]:
+    """The config's vocab_size and the rows of each embedding tensor in the files."""
+    names = [name for name in checkpoint.names if name.endswith(EMBEDDING_SUFFIXES) and checkpoint.shape(name)]
+    # the input embeddings first: the tensor a message names is the one a user resizes
+    names.sort(key=lambda name: [name.endswith(suffix) for suffix in EMBEDDING_SUFFIXES].index(True))
+    return checkpoint.config.get("vocab_size"), {name: checkpoint.shape(name)[0] for name in names}
+
+
+def _check_vocabulary(base: Checkpoint, other: Checkpoint) -> None:
+    """Refuse models with different vocabularies before the generic shape check: their tokenizers differ, so
+    rows of the embeddings mean different tokens, and no per-tensor merge of them means anything."""
+    base_size, base_rows = _vocabulary(base)
+    other_size, other_rows = _vocabulary(other)
+    shared = [name for name in base_rows if name in other_rows and base_rows[name] != other_rows[name]]
+    if base_size == other_size and not shared:
+        return
+
+    name = shared[0] if shared else next(iter(base_rows), None)
+
+    def described(size: int | None, rows: dict[str, int]) -> str:
+        text = f"vocab_size {size}" if size is not None else "no vocab_size"
+        return text + (f" ({name}: {rows[name]} rows)" if name in rows else "")
+
+    raise UserError(
+        f"model {other.label!r} has {described(other_size, other_rows)} but base {base.label!r} has "
+        f"{described(base_size, base_rows)}; merge models that share the base's tokenizer and vocabulary "
+        "(resize the expert's embeddings to the base's vocabulary first)"
+    )
+
+
+def _check_tied(base: Checkpoint, other: Checkpoint) -> None:
+    """Refuse one model with its own output layer and another that ties it to its embeddings (no lm_head.weight
+    in its files): the generic 'lacks tensor' message would not say why."""
+    base_own, other_own = OUTPUT_LAYER in base.names, OUTPUT_LAYER in other.names
+    if base_own == other_own:
+        return
+    untied, tied = (base, other) if base_own else (other, base)
+    untied_role = "base" if untied is base else "model"
+    tied_role = "base" if tied is base else "model"
+    raise UserError(
+        f"{tied_role} {tied.label!r} ties its output layer to its embeddings (no {OUTPUT_LAYER} in its files, "
+        f"tie_word_embeddings {tied.config.get('tie_word_embeddings')!r}) but {untied_role} {untied.label!r} has "
+        f"its own {OUTPUT_LAYER}; merge models that are all tied or all untied (untie the tied one by saving "
+        f"{OUTPUT_LAYER} as a copy of its embed_tokens.weight)"
+    )
+
+
+def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's absolute byte range in a safetensors file: an 8-byte little-endian header length, the JSON
+    header (name -> dtype, shape, data_offsets relative to the data section), then the data."""
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    data = 8 + length
+    return {
+        name: (data + entry["data_offsets"][0], data + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
 def check_compatible(base: Checkpoint, others: list[Checkpoint]) -> None:
     """Fail before any tensor is read when the models cannot be merged tensor by tensor."""
     for other in others:
@@ -145,6 +237,8 @@ def check_compatible(base: Checkpoint, others: list[Checkpoint]) -> None:
                     f"model {other.label!r} has {key} {other.config.get(key)!r} but base {base.label!r} has "
                     f"{base.config.get(key)!r}; merge models of one architecture"
                 )
+        _check_vocabulary(base, other)
+        _check_tied(base, other)
         missing = [name for name in base.names if name not in other._where]
         extra = [name for name in other.names if name not in base._where]
         if missing or extra:

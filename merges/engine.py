@@ -1,11 +1,17 @@
-"""The in-memory merge engine: loads the base and the experts once, keeps task vectors and recipe-independent tables
-(dot products, sorted magnitudes, della ranks), and merges a recipe tensor by tensor in fp32 without touching disk."""
+"""The in-memory merge engine: holds a model family at its checkpoint precision (bf16 stays bf16) with a few
+per-tensor scalars (dot products, L1 norms), and merges a recipe tensor by tensor in fp32 without touching disk.
+
+Memory: each tensor is merged in chunks of whole rows of at most CHUNK_ELEMENTS elements, so beyond the models'
+own bytes the engine holds only a few chunk-sized fp32 buffers and the one output tensor being handed over. The
+task vectors are recomputed per chunk (a subtraction, exact to mergekit's fp32 math); cuts by magnitude are exact
+selections per tensor (merges/methods/selection.py); nothing per element is kept between merges.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +31,44 @@ from safemerge.merges.methods import (
     chunked_dot,
     chunked_l1,
 )
+from safemerge.merges.methods.inputs import chunk_gram_along
+from safemerge.merges.methods.selection import TopCut, top_cut
 from safemerge.merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# Rows per chunk are chosen so a chunk holds at most this many elements (8 MB in fp32): small enough that the
+# buffers are a few percent of a 250M-parameter family, large enough that each torch call is mostly arithmetic.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_ranges(shape: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """Flat (start, end) offsets of a tensor's chunks: blocks of whole rows along dim 0 of at most
+    `chunk_elements` elements (one row at least); tensors of fewer than two dims are one chunk."""
+    numel = math.prod(shape)
+    if len(shape) < 2 or numel <= chunk_elements:
+        return [(0, numel)]
+    row = numel // shape[0]
+    rows = max(1, chunk_elements // row)
+    return [(first * row, min(first + rows, shape[0]) * row) for first in range(0, shape[0], rows)]
+
+
+def largest_chunk(shapes: Sequence[Sequence[int]]) -> int:
+    """Elements of the largest chunk of any of the tensors (what one scratch buffer holds)."""
+    return max((end - start for shape in shapes for start, end in chunk_ranges(shape)), default=0)
+
+
+def scratch_buffers(task_vectors: int) -> int:
+    """Chunk-sized fp32 buffers a merge may hold with this many task vectors: the chunk's base and task vectors
+    and the kernel's masks and sums (3n + 6), and a second set for whole-tensor passes (3n + 1)."""
+    return 6 * task_vectors + 7
+
+
+def scratch_bytes(shapes: Sequence[Sequence[int]], task_vectors: int) -> int:
+    """Bytes of fp32 scratch a merge of tensors of these shapes holds at most, on the merge device."""
+    return 4 * largest_chunk(shapes) * scratch_buffers(task_vectors)
 
 
 @dataclass
@@ -50,6 +91,11 @@ class MergeEngine:
     recipes use in `base_model` and `models`: a sparsifying method (ties, dare_*, breadcrumbs*, della*) needs
     base_model to be this base, the others accept any held model (e.g. SLERP from the aligned model to an expert).
     A `recipe` given here is validated against the checkpoint headers before any tensor is read.
+
+    `device` is where the merge math runs; `store_device` where the models are held (default: the merge device);
+    `chunk_elements` bounds the rows merged at once (tests make it small to cover the chunked paths).
+    A store on the CPU for a GPU merge is pinned, so each chunk streams to the device at full speed; which of the
+    two a worker uses is its memory plan's decision (search/plan.py).
     """
 
     def __init__(
@@ -59,8 +105,11 @@ class MergeEngine:
         base_name: str = "base",
         device: str | torch.device | None = None,
         recipe: Recipe | None = None,
+        store_device: str | torch.device | None = None,
+        chunk_elements: int = CHUNK_ELEMENTS,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        self.store_device = torch.device(store_device) if store_device is not None else self.device
         self.base_name = base_name
         if base_name in models:
             raise UserError(f"model name {base_name!r} is used for both the base and an expert; rename one")
@@ -73,17 +122,18 @@ class MergeEngine:
         self.names = [*models]
         self.basis = [base_name, *self.names]
         self.tensor_names = base_checkpoint.names
-        self.dtypes: dict[str, torch.dtype] = {}
-        self.base: dict[str, torch.Tensor] = {}
-        self.task_vectors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names}
+        self.float_names = [name for name in self.tensor_names if base_checkpoint.dtype(name).is_floating_point]
+        self.shapes = {name: torch.Size(base_checkpoint.shape(name)) for name in self.tensor_names}
+        self.dtypes: dict[str, torch.dtype] = {}  # the output dtype by default: the widest of the models'
+        self.store: dict[str, list[torch.Tensor]] = {}  # name -> each basis model's tensor, at its own dtype
         self.passthrough: dict[str, torch.Tensor] = {}  # non-float tensors (buffers) are copied from the base
         self.gram: dict[str, torch.Tensor] = {}
         self.l1: dict[str, list[float]] = {}
-        self._sorted: dict[tuple[str, str], np.ndarray] = {}
-        self._rank_norm: dict[tuple[str, str], torch.Tensor] = {}
-        self._scratch: list[torch.Tensor] = []
-        self._largest = max(int(np.prod(base_checkpoint.shape(name))) for name in self.tensor_names)
-        self._planned_names = [name for name in self.tensor_names if base_checkpoint.dtype(name).is_floating_point]
+        self._chunks = {name: chunk_ranges(self.shapes[name], chunk_elements) for name in self.float_names}
+        self._chunk_elements = max(
+            (end - start for ranges in self._chunks.values() for start, end in ranges), default=0
+        )
+        self._pools: dict[int, dict[int, torch.Tensor]] = {}
         if recipe is not None:
             self.plan(recipe)  # a recipe known up front is checked against the headers before any tensor is read
         try:
@@ -94,82 +144,88 @@ class MergeEngine:
                 checkpoint.close()
 
     def _load(self, base: Checkpoint, experts: list[Checkpoint]) -> None:
+        pin = self.store_device.type == "cpu" and self.device.type == "cuda"
         for name in self.tensor_names:
-            base_tensor = base.tensor(name)
-            if not base_tensor.is_floating_point():
-                self.passthrough[name] = base_tensor.clone()
+            if name not in self._chunks:
+                self.passthrough[name] = base.read(name, self.store_device)
                 continue
-            dtype = base_tensor.dtype
-            reference = base_tensor.to(self.device, torch.float32)
-            if reference.data_ptr() == base_tensor.data_ptr():
-                reference = reference.clone()  # own the memory: never a view of a memory-mapped file
-            vectors = [reference]
-            for expert in experts:
-                raw = expert.tensor(name)
-                dtype = torch.promote_types(dtype, raw.dtype)
-                vectors.append(torch.sub(raw.to(self.device, torch.float32), reference))
-                self.task_vectors[expert.label][name] = vectors[-1]
-            l1 = [chunked_l1(vector) for vector in vectors]
-            for label, vector, norm in zip(
-                [base.label, *(expert.label for expert in experts)], vectors, l1, strict=True
-            ):
-                if not math.isfinite(norm) and not bool(torch.isfinite(vector).all()):  # one extra pass only if needed
-                    raise UserError(
-                        f"model {label!r} has NaN or Inf values in tensor {name}; the checkpoint is corrupt or "
-                        "diverged, use another checkpoint"
-                    )
-            self.l1[name] = l1
-            self.base[name] = reference
-            self.dtypes[name] = dtype
-            # Dot products of base and task vectors: slerp, nuslerp, model_stock and the similarity
-            # report need only these scalars, so their per-trial cost is one linear combination.
-            flat = [vector.reshape(-1) for vector in vectors]
-            gram = torch.empty(len(flat), len(flat), dtype=torch.float64)
-            for i in range(len(flat)):
-                for j in range(i, len(flat)):
-                    gram[i, j] = gram[j, i] = chunked_dot(flat[i], flat[j])
-            self.gram[name] = gram
+            held = [checkpoint.read(name, self.store_device, pin=pin) for checkpoint in (base, *experts)]
+            dtype = held[0].dtype
+            for tensor in held[1:]:
+                dtype = torch.promote_types(dtype, tensor.dtype)
+            self.store[name], self.dtypes[name] = held, dtype
+            self._tensor_scalars(name)
 
-    # Recipe-independent tables for sparsifying methods, built once on first use (or ahead with `prepare`).
+    def _tensor_scalars(self, name: str) -> None:
+        """L1 norms and dot products of base and task vectors over the whole tensor, summed chunk by chunk:
+        slerp, nuslerp, model_stock, rescaling and the similarity report need only these scalars."""
+        size = len(self.basis)
+        l1 = [0.0] * size
+        gram = torch.zeros(size, size, dtype=torch.float64)
+        for _, tensors in self.iter_chunks(name):
+            flat = [tensor.reshape(-1) for tensor in tensors]
+            for i in range(size):
+                l1[i] += chunked_l1(flat[i])
+                for j in range(i, size):
+                    gram[i, j] += chunked_dot(flat[i], flat[j])
+        for label, norm in zip(self.basis, l1, strict=True):
+            if not math.isfinite(norm):
+                raise UserError(
+                    f"model {label!r} has NaN or Inf values in tensor {name}; the checkpoint is corrupt or "
+                    "diverged, use another checkpoint"
+                )
+        self.gram[name] = gram + gram.triu(1).T
+        self.l1[name] = l1
 
-    def prepare(self, methods: Iterable[str]) -> None:
-        """Build the tables the given methods need now, so the first trial is as fast as the rest."""
-        for method in methods:
-            row = TASK_ARITHMETIC_FAMILY.get(method)
-            if row is None:
+    # Chunks: a tensor's base and task vectors in fp32, block of rows by block of rows.
+
+    def _buffer(self, pool: int, index: int, count: int) -> torch.Tensor:
+        buffers = self._pools.setdefault(pool, {})
+        if index not in buffers:
+            buffers[index] = torch.empty(self._chunk_elements, dtype=torch.float32, device=self.device)
+        return buffers[index][:count]
+
+    def _materialize(
+        self, name: str, start: int, end: int, slots: Sequence[int], pool: int
+    ) -> list[torch.Tensor | None]:
+        """The chunk [start, end) of tensor `name`: slot 0 the base, slot j in `slots` the task vector of
+        basis[j] (its model minus the base, in fp32 as mergekit computes it), in `pool`'s buffers."""
+        shape = self.shapes[name]
+        chunk_shape = (((end - start) // (math.prod(shape[1:]) or 1)), *shape[1:]) if len(shape) > 1 else shape
+        held = self.store[name]
+        tensors: list[torch.Tensor | None] = [None] * len(held)
+        base = self._buffer(pool, -1, end - start).view(chunk_shape)
+        tensors[0] = base.copy_(held[0].view(-1)[start:end].view(chunk_shape), non_blocking=True)
+        for slot in slots:
+            if slot == 0:
                 continue
-            for model in self.names:
-                for name in self.base:
-                    if row.sparsification in (Sparsification.magnitude, Sparsification.breadcrumbs):
-                        self.sorted_magnitudes(model, name)
-                    if row.sparsification == Sparsification.della:
-                        self.rank_norm(model, name)
+            vector = self._buffer(pool, -1 - slot, end - start).view(chunk_shape)
+            vector.copy_(held[slot].view(-1)[start:end].view(chunk_shape), non_blocking=True)
+            tensors[slot] = vector.sub_(base)
+        return tensors
 
-    def sorted_magnitudes(self, model: str, name: str) -> np.ndarray:
-        """|task vector| sorted ascending: the magnitude cut for any density is an index into it."""
-        key = (model, name)
-        if key not in self._sorted:
-            magnitudes = self.task_vectors[model][name].abs().reshape(-1)
-            if magnitudes.device.type == "cpu":
-                self._sorted[key] = np.sort(magnitudes.numpy())
-            else:
-                self._sorted[key] = torch.sort(magnitudes).values.cpu().numpy()
-        return self._sorted[key]
+    def iter_chunks(self, name: str, pool: int = 1) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(flat start, [base, task vector of each model]) per chunk of tensor `name`, fp32 on the merge device;
+        the tensors are reused buffers, valid until the next chunk."""
+        slots = range(len(self.basis))
+        for start, end in self._chunks[name]:
+            yield start, self._materialize(name, start, end, slots, pool)  # type: ignore[misc]
 
-    def rank_norm(self, model: str, name: str) -> torch.Tensor:
-        """della's magnitude rank of each element within its row, scaled to [0, 1]."""
-        key = (model, name)
-        if key not in self._rank_norm:
-            task_vector = self.task_vectors[model][name]
-            rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector
-            ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(torch.float32)
-            self._rank_norm[key] = (ranks / max(rows.shape[1] - 1, 1)).reshape(task_vector.shape)
-        return self._rank_norm[key]
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base's tensor `name` in fp32 (a new tensor: for reports and tests, not the merge path)."""
+        return self.store[name][0].to(self.device, torch.float32)
 
-    def _scratch_buffer(self, index: int, shape: torch.Size) -> torch.Tensor:
-        while len(self._scratch) <= index:
-            self._scratch.append(torch.empty(self._largest, dtype=torch.float32, device=self.device))
-        return self._scratch[index][: shape.numel()].view(shape)
+    def task_vector(self, model: str, name: str) -> torch.Tensor:
+        """Model `model`'s task vector of tensor `name` in fp32 (a new tensor: for reports and tests)."""
+        held = self.store[name]
+        return held[self.basis.index(model)].to(self.device, torch.float32) - held[0].to(self.device, torch.float32)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes the engine holds: the models at their dtypes ('store') and its fp32 buffers ('scratch')."""
+        store = sum(tensor.numel() * tensor.element_size() for held in self.store.values() for tensor in held)
+        store += sum(tensor.numel() * tensor.element_size() for tensor in self.passthrough.values())
+        scratch = sum(buffer.numel() * 4 for pool in self._pools.values() for buffer in pool.values())
+        return {"store": store, "scratch": scratch}
 
     # Planning: every parameter of every tensor resolved and checked before any tensor math.
 
@@ -198,7 +254,7 @@ class MergeEngine:
         shared_params = [param for param in method.params if not param.per_model]
         model_params = [param for param in method.params if param.per_model]
         plans = []
-        for name in self._planned_names:
+        for name in self.float_names:
             position = layer_position(name, self.num_layers)
             shared = {
                 param.name: resolve_parameter(param, [recipe.parameters], name, position) for param in shared_params
@@ -232,6 +288,14 @@ class MergeEngine:
         return source
 
     def _check_values(self, recipe: Recipe, method: str, tensor: str, shared: dict, per_model: dict) -> None:
+        scopes = [("the top-level parameters", shared)] + [(f"model {m!r}", v) for m, v in per_model.items()]
+        for scope, values in scopes:
+            for key, value in values.items():
+                if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+                    raise UserError(
+                        f"{method} parameter {key!r} of {scope} is {value:g} for tensor {tensor}, outside float32's "
+                        "range, in which the merge is computed; use a finite value of a sensible size"
+                    )
         for key, value in shared.items():
             if value is None:
                 raise UserError(
@@ -272,47 +336,68 @@ class MergeEngine:
     def iter_merge(
         self, recipe: Recipe, out: MutableMapping[str, torch.Tensor] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, merged tensor) one tensor at a time, in the output dtype on the engine's device.
+        """Yield (name, merged tensor) one tensor at a time, in the output dtype on the engine's device: a new
+        tensor each, which the consumer copies into its weights and drops, so no full copy of the model is made.
 
-        With `out`, each result is written into out[name] (for example the previous trial's tensors, or a
-        generation engine's own weights) instead of a new tensor.
+        With `out`, each result is written into out[name] (for example a previous merge's tensors) instead.
         """
         plans = self.plan(recipe)  # all validation happens here, before the first tensor is computed
         method = METHODS[recipe.merge_method]
         out_dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
         for plan in plans:
             name = plan.name
-            dtype = out_dtype or self.dtypes[name]
             target = out.get(name) if out is not None else None
-            direct = target is not None and target.dtype == torch.float32 and target.device == self.device
-            result = target if direct else torch.empty_like(self.base[name])
-            method.kernel(self._inputs(recipe, name), plan.shared, plan.per_model, result)
-            if not direct:
-                result = result.to(dtype)
-                if target is not None:
-                    result = target.copy_(result)
-            yield name, result
+            yield name, self._merge_tensor(recipe, method, plan, out_dtype or self.dtypes[name], target)
         for name, tensor in self.passthrough.items():
             yield name, tensor
 
     def merge(self, recipe: Recipe, out: MutableMapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The merged model as name -> tensor (written into `out` when given)."""
+        """The merged model as name -> tensor (written into `out` when given). A full copy of the model: a worker
+        streams `iter_merge` into its engines instead."""
         return dict(self.iter_merge(recipe, out))
 
-    def _inputs(self, recipe: Recipe, name: str) -> TensorInputs:
-        reference = self.base[name]
-        seed = recipe.seed
+    def _merge_tensor(
+        self, recipe: Recipe, method: Any, plan: TensorPlan, dtype: torch.dtype, target: torch.Tensor | None
+    ) -> torch.Tensor:
+        name = plan.name
+        shape = self.shapes[name]
+        if target is not None and target.shape == shape and target.dtype == dtype and target.is_contiguous():
+            result = target
+        else:
+            result = torch.empty(shape, dtype=dtype, device=self.device)
+        direct = result.dtype == torch.float32 and result.device == self.device  # the kernel writes the result
+        statistics = _TensorStatistics(self, recipe, name)
+        slots = range(len(self.basis))
+        for start, end in self._chunks[name]:
+            tensors = self._materialize(name, start, end, slots, pool=0)
+            inputs = self._inputs(recipe, name, start, tensors, statistics)  # type: ignore[arg-type]
+            chunk = result.view(-1)[start:end].view(tensors[0].shape)  # type: ignore[union-attr]
+            into = chunk if direct else self._buffer(0, -100, end - start).view(chunk.shape)
+            written = method.kernel(inputs, plan.shared, plan.per_model, into)
+            if not direct:
+                chunk.copy_(written.view(chunk.shape))
+        return result
+
+    def _inputs(
+        self, recipe: Recipe, name: str, start: int, tensors: list[torch.Tensor], statistics: _TensorStatistics
+    ) -> TensorInputs:
+        seed, shape = recipe.seed, tensors[0].shape
+        pool = statistics.pool_of(tensors)
         return TensorInputs(
             name=name,
             basis=self.basis,
-            tensors=[reference, *(self.task_vectors[model][name] for model in self.names)],
+            tensors=tensors,
             gram=self.gram[name],
             l1=self.l1[name],
-            sorted_magnitudes=lambda model: self.sorted_magnitudes(model, name),
-            rank_norm=lambda model: self.rank_norm(model, name),
-            fill_uniform=lambda model, buffer: fill_uniform(buffer, f"{seed}/{name}/{model}"),
-            keep_mask=lambda model, probability, buffer: keep_mask(buffer, probability, f"{seed}/{name}/{model}"),
-            scratch=lambda index: self._scratch_buffer(index, reference.shape),
+            start=start,
+            numel=self.shapes[name].numel(),
+            whole=len(self._chunks[name]) == 1,
+            statistics=statistics,
+            fill_uniform=lambda model, buffer: fill_uniform(buffer, f"{seed}/{name}/{model}", start),
+            keep_mask=lambda model, probability, buffer: keep_mask(
+                buffer, probability, f"{seed}/{name}/{model}", start
+            ),
+            scratch=lambda index: self._buffer(pool, index, shape.numel()).view(shape),
         )
 
     def save(
@@ -345,6 +430,58 @@ class MergeEngine:
         )
 
 
+class _TensorStatistics:
+    """The whole-tensor figures of one tensor for one recipe, computed on first use and kept for its chunks:
+    magnitude cuts, the L1 norm of a sparsified task vector (rescaling), dot products along dim 0. A tensor held
+    in one chunk computes them from that chunk; others take a pass over the chunks in pool 1, so the buffers of
+    the chunk being merged (pool 0) are left alone."""
+
+    def __init__(self, engine: MergeEngine, recipe: Recipe, name: str) -> None:
+        self.engine, self.recipe, self.name = engine, recipe, name
+        self.total = engine.shapes[name].numel()
+        self.whole = len(engine._chunks[name]) == 1
+        self._cuts: dict[tuple[str, int], TopCut] = {}
+        self._l1: dict[str, float] = {}
+        self._grams: dict[int, torch.Tensor] = {}
+        self._side_tensors: list[torch.Tensor] = []
+
+    def pool_of(self, tensors: list[torch.Tensor]) -> int:
+        return 1 if tensors is self._side_tensors else 0
+
+    def _side_chunks(self, slots: Sequence[int]) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        for start, end in self.engine._chunks[self.name]:
+            self._side_tensors = self.engine._materialize(self.name, start, end, slots, pool=1)  # type: ignore[assignment]
+            yield start, self._side_tensors
+
+    def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
+        key = (model, count)
+        if key not in self._cuts:
+            slot = self.engine.basis.index(model)
+
+            def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+                for start, tensors in self._side_chunks([slot]):
+                    yield start, tensors[slot].abs_()
+
+            self._cuts[key] = top_cut(count, self.total, chunks, single=magnitudes if self.whole else None)
+        return self._cuts[key]
+
+    def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
+        if model not in self._l1:
+            slot = self.engine.basis.index(model)
+            total = 0.0
+            for start, tensors in self._side_chunks([slot]):
+                inputs = self.engine._inputs(self.recipe, self.name, start, tensors, self)
+                total += chunked_l1(sparsify(inputs))
+            self._l1[model] = total
+        return self._l1[model]
+
+    def gram_along(self, dim: int) -> torch.Tensor:
+        if dim not in self._grams:
+            slots = range(len(self.engine.basis))
+            self._grams[dim] = sum(chunk_gram_along(tensors, dim) for _, tensors in self._side_chunks(slots))
+        return self._grams[dim]
+
+
 RANDOM_CHUNK = 1 << 20
 _random_threads = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
 
@@ -353,51 +490,68 @@ def _seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
-def _chunk_generator(key: str, start: int) -> np.random.Generator:
-    """The generator for the chunk at `start`: seeded by key and offset, so no chunk depends on another."""
-    return np.random.Generator(np.random.PCG64(_seed(f"{key}/{start}")))
+def _block_generator(key: str, block: int, skip_draws: int) -> np.random.Generator:
+    """The generator of the RANDOM_CHUNK block at flat offset `block` (seeded by key and offset, so no block depends
+    on another), advanced past its first `skip_draws` 64-bit draws."""
+    bits = np.random.PCG64(_seed(f"{key}/{block}"))
+    if skip_draws:
+        bits.advance(skip_draws)
+    return np.random.Generator(bits)
 
 
-def _in_chunks(size: int, fill: Callable[[int], None]) -> None:
-    """Call fill(start) for each RANDOM_CHUNK of `size` elements, on several threads when there is more than one."""
-    starts = range(0, size, RANDOM_CHUNK)
-    if len(starts) == 1:
-        fill(0)
+def _in_blocks(start: int, size: int, fill: Callable[[int, int, int], None]) -> None:
+    """Call fill(block, first, last) for each RANDOM_CHUNK block that the tensor range [start, start + size)
+    overlaps, with [first, last) the overlap in tensor offsets; on several threads when there is more than one."""
+    pieces = []
+    for block in range(start - start % RANDOM_CHUNK, start + size, RANDOM_CHUNK):
+        pieces.append((block, max(block, start), min(block + RANDOM_CHUNK, start + size)))
+    if len(pieces) == 1:
+        fill(*pieces[0])
     else:
-        list(_random_threads.map(fill, starts))
+        list(_random_threads.map(lambda piece: fill(*piece), pieces))
 
 
-def fill_uniform(buffer: torch.Tensor, key: str) -> torch.Tensor:
-    """Fill `buffer` with U[0, 1) seeded by `key`: the same key gives the same numbers, in any order of tensors.
+def fill_uniform(buffer: torch.Tensor, key: str, start: int = 0) -> torch.Tensor:
+    """Fill `buffer` with U[0, 1) seeded by `key`, as elements [start, start + numel) of one stream per tensor: the
+    same key gives the same numbers whatever the chunking and the order of tensors.
 
-    On the CPU, numpy's PCG64 fills fixed-size chunks (each seeded by key and offset) on several threads, as torch's
-    CPU generator is serial and slower; the chunking is fixed, so results do not depend on the thread count."""
+    On the CPU, numpy's PCG64 fills fixed blocks of RANDOM_CHUNK elements (each seeded by key and offset) on
+    several threads, as torch's CPU generator is serial and slower; a chunk starting inside a block advances that
+    block's generator to it. Each float32 takes 32 bits, two per 64-bit draw, low half first."""
     if buffer.device.type != "cpu":
-        return buffer.uniform_(generator=torch.Generator(device=buffer.device).manual_seed(_seed(key)))
+        generator = torch.Generator(device=buffer.device).manual_seed(_seed(f"{key}@{start}" if start else key))
+        return buffer.uniform_(generator=generator)
     flat = buffer.view(-1).numpy()
 
-    def fill(start: int) -> None:
-        _chunk_generator(key, start).random(dtype=np.float32, out=flat[start : start + RANDOM_CHUNK])
+    def fill(block: int, first: int, last: int) -> None:
+        skip = first - block
+        generator = _block_generator(key, block, skip // 2)
+        if skip % 2:
+            generator.random(1, dtype=np.float32)  # the low half of the shared draw belongs to the element before
+        generator.random(dtype=np.float32, out=flat[first - start : last - start])
 
-    _in_chunks(flat.size, fill)
+    _in_blocks(start, flat.size, fill)
     return buffer
 
 
-def keep_mask(buffer: torch.Tensor, probability: float, key: str) -> torch.Tensor:
-    """Fill `buffer` with 1.0 where an element is kept (probability `probability`), else 0.0, seeded by `key`.
+def keep_mask(buffer: torch.Tensor, probability: float, key: str, start: int = 0) -> torch.Tensor:
+    """Fill `buffer` with 1.0 where an element is kept (probability `probability`), else 0.0, seeded by `key`, as
+    elements [start, start + numel) of the tensor's stream.
 
     On the CPU each element takes 16 random bits (raw PCG64 output, 4 elements per draw), so the probability is
     exact to 1/65536; that is the cheapest Bernoulli draw here, and DARE's per-trial cost is mostly this draw."""
     if buffer.device.type != "cpu":
-        return torch.lt(fill_uniform(buffer, key), probability, out=buffer)
+        return torch.lt(fill_uniform(buffer, key, start), probability, out=buffer)
     threshold = min(32767, max(-32768, round(probability * 65536) - 32768))  # int16 draw < threshold: kept
     flat = buffer.view(-1)
 
-    def fill(start: int) -> None:
-        chunk = flat[start : start + RANDOM_CHUNK]
-        bits = _chunk_generator(key, start).bit_generator.random_raw((chunk.numel() + 3) // 4)
-        draws = torch.from_numpy(bits.view(np.int16)[: chunk.numel()])
+    def fill(block: int, first: int, last: int) -> None:
+        skip = first - block
+        chunk = flat[first - start : last - start]
+        offset = skip % 4
+        bits = _block_generator(key, block, skip // 4).bit_generator.random_raw((offset + chunk.numel() + 3) // 4)
+        draws = torch.from_numpy(bits.view(np.int16)[offset : offset + chunk.numel()])
         chunk.copy_(draws < threshold)
 
-    _in_chunks(flat.numel(), fill)
+    _in_blocks(start, flat.numel(), fill)
     return buffer

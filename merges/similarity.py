@@ -26,11 +26,11 @@ def similarity_report(engine: MergeEngine, groups: int | None = None) -> dict:
     layers_of: dict[str, list[int]] = {}
     for index in range(num_layers):
         layers_of.setdefault(f"g{layer_group(index, groups, num_layers)}", []).append(index)
-    for name in engine.base:
+    for name in engine.float_names:
         index = layer_index(name)
         key = "other" if index is None else f"g{layer_group(index, groups, num_layers)}"
         buckets.setdefault(key, []).append(name)
-    buckets["all"] = list(engine.base)
+    buckets["all"] = list(engine.float_names)
 
     models = engine.names
     pairs = list(combinations(range(len(models)), 2))
@@ -43,11 +43,12 @@ def similarity_report(engine: MergeEngine, groups: int | None = None) -> dict:
         conflicts = {pair: 0 for pair in pairs}
         both_nonzero = {pair: 0 for pair in pairs}
         for name in names:
-            vectors = [engine.task_vectors[model][name] for model in models]
-            for left, right in pairs:
-                product = vectors[left] * vectors[right]
-                conflicts[(left, right)] += int((product < 0).sum())
-                both_nonzero[(left, right)] += int((product != 0).sum())
+            for _, tensors in engine.iter_chunks(name):  # chunk by chunk: no task vector is held whole
+                vectors = tensors[1:]
+                for left, right in pairs:
+                    product = vectors[left] * vectors[right]
+                    conflicts[(left, right)] += int((product < 0).sum())
+                    both_nonzero[(left, right)] += int((product != 0).sum())
         base_norm = math.sqrt(float(gram[0, 0]))
         rows.append(
             {

@@ -62,7 +62,7 @@ def recipe(method: str, parameters: dict, seed: int = 0):
 
 def magnitude_is_tied(engine: MergeEngine, name: str, index: tuple[int, ...]) -> bool:
     """Whether the element's magnitude occurs more than once in some model's task vector."""
-    magnitudes = (engine.task_vectors[model][name].abs() for model in EXPERTS)
+    magnitudes = (engine.task_vector(model, name).abs() for model in EXPERTS)
     return any(int((tensor == tensor[index]).sum()) > 1 for tensor in magnitudes)
 
 
@@ -112,7 +112,7 @@ def test_random_methods_on_the_gpu_keep_the_density_and_repeat_by_seed(engines, 
     other = gpu.merge(recipe(method, parameters, seed=8))
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"):
         assert torch.equal(first[name], again[name]) and not torch.equal(first[name], other[name]), name
-        base, task_vector = gpu.base[name], gpu.task_vectors["aligned"][name]
+        base, task_vector = gpu.base_tensor(name), gpu.task_vector("aligned", name)
         visible = (base + task_vector) != base  # changes that survive float32 rounding at all
         share = float(((first[name] != base) & visible).sum() / visible.sum())
         tolerance = 5 * (0.3 * 0.7 / base.numel()) ** 0.5  # five standard deviations of a binomial share

@@ -53,17 +53,17 @@ def kept_share(merged: torch.Tensor, base: torch.Tensor, task_vector: torch.Tens
 def test_kept_share_is_the_density(engine, method):
     merged = engine.merge(recipe(method, rescale=False))
     for name in STAT_TENSORS:
-        count = engine.base[name].numel()
+        count = engine.base_tensor(name).numel()
         tolerance = 5 * (0.3 * 0.7 / count) ** 0.5  # five standard deviations of a binomial share
-        share = kept_share(merged[name], engine.base[name], engine.task_vectors["aligned"][name])
+        share = kept_share(merged[name], engine.base_tensor(name), engine.task_vector("aligned", name))
         assert abs(share - 0.3) < tolerance, (name, share)
 
 
 def test_della_keeps_large_magnitudes_more_often(engine):
     name = "model.layers.1.mlp.up_proj.weight"
     merged = engine.merge(recipe("della_linear", rescale=False))[name]
-    task_vector = engine.task_vectors["aligned"][name]
-    kept = merged != engine.base[name]
+    task_vector = engine.task_vector("aligned", name)
+    kept = merged != engine.base_tensor(name)
     ranks = task_vector.abs().argsort(dim=1).argsort(dim=1)
     large = ranks >= task_vector.shape[1] // 2
     # density 0.3, epsilon 0.15: keep probability runs from 0.15 (smallest in a row) to 0.45 (largest).
@@ -75,8 +75,8 @@ def test_della_keeps_large_magnitudes_more_often(engine):
 def test_rescaling_preserves_the_mean(engine, method):
     merged = engine.merge(recipe(method, rescale=True))
     for name in STAT_TENSORS:
-        task_vector = engine.task_vectors["aligned"][name].double()
-        delta = merged[name].double() - engine.base[name].double()
+        task_vector = engine.task_vector("aligned", name).double()
+        delta = merged[name].double() - engine.base_tensor(name).double()
         # L1 rescaling restores the mean magnitude exactly...
         assert float(delta.abs().mean()) == pytest.approx(float(task_vector.abs().mean()), rel=1e-4)
         # ...and keeps the signed mean within noise: each element adds (mask / p - 1) * x.
@@ -84,7 +84,7 @@ def test_rescaling_preserves_the_mean(engine, method):
         assert abs(float(delta.mean() - task_vector.mean())) < 5 * noise, name
     unscaled = engine.merge(recipe(method, rescale=False))
     name = STAT_TENSORS[0]
-    shrunk = (unscaled[name] - engine.base[name]).abs().mean() / engine.task_vectors["aligned"][name].abs().mean()
+    shrunk = (unscaled[name] - engine.base_tensor(name)).abs().mean() / engine.task_vector("aligned", name).abs().mean()
     if method == "dare_linear":
         assert float(shrunk) == pytest.approx(0.3, abs=0.02)  # without rescaling the dropped mass is simply gone
     else:
@@ -143,7 +143,10 @@ def test_streaming_merge_yields_every_tensor_once(engine):
     assert first_name not in rest
     assert sorted([first_name, *rest]) == sorted(engine.tensor_names)
     torch.testing.assert_close(
-        first_tensor, engine.base[first_name] + 0.5 * engine.task_vectors["medical"][first_name], rtol=1e-6, atol=1e-7
+        first_tensor,
+        engine.base_tensor(first_name) + 0.5 * engine.task_vector("medical", first_name),
+        rtol=1e-6,
+        atol=1e-7,
     )
 
 
@@ -190,7 +193,7 @@ def test_out_dtype_casts_tensors_and_config(engine, tmp_path):
     assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     name = "model.layers.0.mlp.up_proj.weight"
-    expected = (engine.base[name] + 0.5 * engine.task_vectors["aligned"][name]).to(torch.bfloat16)
+    expected = (engine.base_tensor(name) + 0.5 * engine.task_vector("aligned", name)).to(torch.bfloat16)
     torch.testing.assert_close(tensors[name], expected, rtol=1e-2, atol=1e-3)
 
 
@@ -201,7 +204,7 @@ def test_pickle_checkpoints_load_with_weights_only(zoo_dir, engine, tmp_path):
     torch.save(load_file(zoo_dir / "medical" / "model.safetensors"), folder / "pytorch_model.bin")
     from_pickle = MergeEngine(zoo_dir / "base", {"medical": folder}, device="cpu")
     for name in STAT_TENSORS:
-        assert torch.equal(from_pickle.task_vectors["medical"][name], engine.task_vectors["medical"][name])
+        assert torch.equal(from_pickle.task_vector("medical", name), engine.task_vector("medical", name))
 
 
 class _Payload:

@@ -271,9 +271,9 @@ def test_mergealign_is_base_plus_weighted_domain_and_alignment_vectors(engine):
     for layer in range(engine.num_layers):
         for module, finance_lambda in (("mlp.up_proj", 0.9), ("self_attn.q_proj", 0.5)):
             name = f"model.layers.{layer}.{module}.weight"
-            vectors = {model: engine.task_vectors[model][name] for model in EXPERTS}
+            vectors = {model: engine.task_vector(model, name) for model in EXPERTS}
             expected = (
-                engine.base[name]
+                engine.base_tensor(name)
                 + lambda_align[layer] * vectors["aligned"]
                 + 0.5 * vectors["medical"]
                 + finance_lambda * vectors["finance"]

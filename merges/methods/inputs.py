@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
+
+from safemerge.merges.methods.selection import TopCut
 
 
 @dataclass(frozen=True)
@@ -21,21 +22,44 @@ class Param:
     per_model: bool = False
 
 
+class TensorStatistics(Protocol):
+    """Whole-tensor figures a kernel working on one chunk may need, computed once per tensor and merge."""
+
+    def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut: ...
+
+    def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float: ...
+
+    def gram_along(self, dim: int) -> torch.Tensor: ...
+
+
 @dataclass
 class TensorInputs:
-    """What a kernel sees for one tensor. Models are vectors over a basis: slot 0 is the engine's reference (base)
-    tensor, slot j > 0 is the task vector of `basis[j]`; `gram` holds their dot products (float64)."""
+    """What a kernel sees for one chunk of one tensor: a block of whole rows (dim 0), or the whole tensor.
+
+    Models are vectors over a basis: slot 0 is the engine's reference (base) tensor, slot j > 0 is the task vector
+    of `basis[j]`, both fp32 for this chunk only; `gram` (their dot products, float64) and `l1` are whole-tensor
+    figures the engine keeps, and `statistics` computes the recipe-dependent ones (cuts, rescale norms)."""
 
     name: str
     basis: list[str]  # basis[0] is the reference model
-    tensors: list[torch.Tensor]  # fp32, same order as basis
+    tensors: list[torch.Tensor]  # this chunk, fp32, same order as basis
     gram: torch.Tensor
-    l1: list[float]  # L1 norm of each basis tensor
-    sorted_magnitudes: Callable[[str], np.ndarray]  # ascending |task vector|, precomputed once per engine
-    rank_norm: Callable[[str], torch.Tensor]  # della's per-row magnitude rank in [0, 1], precomputed once
+    l1: list[float]  # L1 norm of each basis tensor, whole tensor
+    start: int  # flat offset of this chunk in the tensor
+    numel: int  # elements of the whole tensor
+    whole: bool  # this chunk is the whole tensor
+    statistics: TensorStatistics
     fill_uniform: Callable[[str, torch.Tensor], torch.Tensor]  # U[0, 1) seeded by (recipe seed, tensor, model)
     keep_mask: Callable[[str, float, torch.Tensor], torch.Tensor]  # 1.0 with probability p, same seeding
-    scratch: Callable[[int], torch.Tensor]  # reusable fp32 buffers shaped like this tensor
+    scratch: Callable[[int], torch.Tensor]  # reusable fp32 buffers shaped like this chunk
+
+    def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
+        """The `count` largest |task vector| elements of the whole tensor; `magnitudes` is this chunk's."""
+        return self.statistics.top_cut(model, count, magnitudes)
+
+    def sparsified_l1(self, model: str, delta: torch.Tensor, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
+        """L1 norm over the whole tensor of `sparsify` (this chunk's result: `delta`)."""
+        return chunked_l1(delta) if self.whole else self.statistics.sparsified_l1(model, sparsify)
 
     def origin(self, shared: dict) -> torch.Tensor:
         """The recipe's base model as basis coefficients (zero when the recipe has no base)."""
@@ -54,16 +78,23 @@ class TensorInputs:
         return coefficients
 
     def gram_along(self, dim: int | None) -> torch.Tensor:
-        """Dot products of basis tensors over all elements (dim None) or along one dim (kept for broadcasting)."""
+        """Dot products of basis tensors over all elements (dim None) or along one dim (kept for broadcasting),
+        shaped to broadcast against this chunk."""
         if dim is None:
             return self.gram
-        size = len(self.basis)
-        rows = []
-        for i in range(size):
-            rows.append(
-                [(self.tensors[i].double() * self.tensors[j].double()).sum(dim, keepdim=True) for j in range(size)]
-            )
-        return torch.stack([torch.stack(row) for row in rows]).cpu()  # coefficients are computed on the CPU
+        dim = dim % self.tensors[0].dim()
+        if dim == 0 and not self.whole:  # a sum over rows spans every chunk
+            return self.statistics.gram_along(dim)
+        return chunk_gram_along(self.tensors, dim)
+
+
+def chunk_gram_along(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """[B, B, ...] dot products of the basis tensors along `dim`, in float64, on the CPU (coefficients are)."""
+    size = len(tensors)
+    rows = [
+        [(tensors[i].double() * tensors[j].double()).sum(dim, keepdim=True) for j in range(size)] for i in range(size)
+    ]
+    return torch.stack([torch.stack(row) for row in rows]).cpu()
 
 
 _CHUNK = 1 << 18  # short fp32 reductions stay accurate (~3e-7); one long one drifts by up to 1e-2

@@ -1,5 +1,6 @@
 """Sparsification of task vectors (TIES magnitude, DARE random, breadcrumbs, DELLA), one function per kind in
-SPARSIFIERS. Magnitude cuts are lookups in the sorted magnitudes the engine computes once."""
+SPARSIFIERS. Magnitude cuts are exact selections over the whole tensor (merges/methods/selection.py), della's
+ranks are computed per chunk: nothing per element is kept between merges."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
 import torch
 
 from safemerge.merges.methods.inputs import TensorInputs
@@ -24,56 +24,36 @@ class Sparsification(StrEnum):
     della = "della"  # DELLA: keep probability grows with magnitude rank within each row
 
 
-def _top_mask(magnitudes: torch.Tensor, ascending: np.ndarray, count: int, mask: torch.Tensor) -> torch.Tensor:
-    """mask = 1.0 on the `count` largest magnitudes, else 0.0 (ties at the cut go to the earliest elements)."""
-    total = magnitudes.numel()
-    if count >= total:
-        return mask.fill_(1.0)
-    if count <= 0:
-        return mask.zero_()
-    cut = ascending[total - 1 - count]  # largest magnitude that is dropped (a numpy float32)
-    tied: torch.Tensor | None = None
-    if cut > 0 and ascending[total - count] == cut:
-        # A magnitude tie straddles the cut: `> cut` keeps too few, so add tied elements up to `count`.
-        tied = (magnitudes.reshape(-1) == float(cut)).nonzero().squeeze(1)
-    torch.gt(magnitudes, float(cut), out=mask)
-    if tied is not None:
-        kept = total - int(np.searchsorted(ascending, cut, side="right"))
-        mask.view(-1)[tied[: count - kept]] = 1.0
-    return mask
-
-
 def _magnitude(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, **_: Any
 ) -> torch.Tensor:
-    count = max(1, int(density * task_vector.numel()))
-    masked = torch.abs(task_vector, out=inputs.scratch(buffer))
-    _top_mask(masked, inputs.sorted_magnitudes(model), count, masked)
-    return masked.mul_(task_vector)
+    count = max(1, int(density * inputs.numel))
+    magnitudes = torch.abs(task_vector, out=inputs.scratch(buffer))
+    cut = inputs.top_cut(model, count, magnitudes)
+    return cut.mask(magnitudes, inputs.start, out=magnitudes).mul_(task_vector)
 
 
 def _breadcrumbs(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, gamma: float, **_: Any
 ) -> torch.Tensor:
-    total = task_vector.numel()
+    total = inputs.numel
     keep = int(density * total)
     outliers = int(gamma * total)
     smallest = max(0, total - keep - outliers)
-    ascending = inputs.sorted_magnitudes(model)
     magnitudes = torch.abs(task_vector, out=inputs.scratch(buffer))
-    upper = smallest + keep
-    if (0 < smallest and ascending[smallest - 1] == ascending[smallest]) or (
-        upper < total and ascending[upper - 1] == ascending[upper]
-    ):
+    # Keep ascending ranks [smallest, smallest + keep): the top (total - smallest) minus the top outliers.
+    kept = inputs.top_cut(model, total - smallest, magnitudes)
+    dropped = inputs.top_cut(model, total - smallest - keep, magnitudes)
+    if inputs.whole and (kept.straddles or dropped.straddles):
         # A magnitude tie straddles a cut (rare): which tied element stays is the order of mergekit's ascending
-        # torch.sort, which no threshold reproduces, so take that sort here.
+        # torch.sort, which no threshold reproduces, so take that sort here. (A tensor seen in chunks keeps the
+        # earliest tied elements instead: a sort of the whole tensor is what the chunks avoid.)
         order = torch.sort(magnitudes.reshape(-1), descending=False).indices
         mask = magnitudes.zero_()
-        mask.view(-1)[order[smallest:upper]] = 1.0
+        mask.view(-1)[order[smallest : smallest + keep]] = 1.0
         return mask.mul_(task_vector)
-    # Keep ascending ranks [smallest, smallest + keep): the top (total - smallest) minus the top outliers.
-    outlier_mask = _top_mask(magnitudes, ascending, total - smallest - keep, inputs.scratch(buffer + 1))
-    _top_mask(magnitudes, ascending, total - smallest, magnitudes)
+    outlier_mask = dropped.mask(magnitudes, inputs.start, out=inputs.scratch(buffer + 1))
+    kept.mask(magnitudes, inputs.start, out=magnitudes)
     return magnitudes.sub_(outlier_mask).mul_(task_vector)
 
 
@@ -87,10 +67,21 @@ def _della(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, epsilon: float, **_: Any
 ) -> torch.Tensor:
     mask = inputs.fill_uniform(model, inputs.scratch(buffer))
-    probability = torch.mul(inputs.rank_norm(model), 2 * epsilon, out=inputs.scratch(buffer + 1))
-    probability.add_(density - epsilon)
+    probability = _rank_norm(task_vector, inputs.scratch(buffer + 1))
+    probability.mul_(2 * epsilon).add_(density - epsilon)
     torch.lt(mask, probability, out=mask)
     return mask.mul_(task_vector)
+
+
+def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """della's magnitude rank of each element within its row, scaled to [0, 1], computed per chunk (a chunk holds
+    whole rows) rather than kept: a table of ranks would cost more memory than the model."""
+    rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector
+    order = torch.argsort(rows.abs(), dim=1)
+    ranks = out.view(rows.shape)
+    positions = torch.arange(rows.shape[1], dtype=torch.float32, device=rows.device).expand_as(ranks)
+    ranks.scatter_(1, order, positions)  # the inverse permutation: the rank of each element
+    return out.div_(max(rows.shape[1] - 1, 1))
 
 
 SPARSIFIERS: dict[Sparsification, Callable[..., torch.Tensor]] = {

@@ -9,7 +9,7 @@ from enum import StrEnum
 
 import torch
 
-from safemerge.merges.methods.inputs import Param, TensorInputs, chunked_l1, combine
+from safemerge.merges.methods.inputs import Param, TensorInputs, combine
 from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification
 
 
@@ -75,7 +75,12 @@ class TaskArithmetic:
                 delta = sparsify(inputs, model, task_vector, buffer=2 * index + 4, **values)
             factor = 1.0
             if shared.get("rescale") and delta is not task_vector:
-                before, after = inputs.l1[inputs.slot(model)], chunked_l1(delta)
+
+                def sparsified(chunk: TensorInputs, model=model, values=values, index=index) -> torch.Tensor:
+                    vector = chunk.tensors[chunk.slot(model)]
+                    return sparsify(chunk, model, vector, buffer=2 * index + 4, **values)
+
+                before, after = inputs.l1[inputs.slot(model)], inputs.sparsified_l1(model, delta, sparsified)
                 factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
             deltas.append((delta, weights[model], factor))
         if not deltas:

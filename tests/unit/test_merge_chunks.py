@@ -1,0 +1,127 @@
+"""The lean merge store's chunked paths: exact magnitude cuts over chunks (ties included), random streams that do
+not depend on the chunking, and merges in small chunks equal to merges of whole tensors for every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safemerge.merges.engine import MergeEngine, chunk_ranges, fill_uniform, keep_mask
+from safemerge.merges.methods import METHODS
+from safemerge.merges.methods.selection import top_cut
+from safemerge.merges.recipe import parse_recipe
+from safemerge.zoo.random_family import LlamaShape, write_random_family
+
+
+def brute_force_top(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` largest elements, ties at the cut to the earliest: a stable sort by (-value, index)."""
+    order = torch.sort(-magnitudes.reshape(-1).double(), stable=True).indices
+    mask = torch.zeros(magnitudes.numel())
+    mask[order[:count]] = 1.0
+    return mask.view(magnitudes.shape)
+
+
+def cut_mask(magnitudes: torch.Tensor, count: int, chunk_rows: int | None) -> torch.Tensor:
+    rows = magnitudes.shape[0]
+    row = magnitudes[0].numel()
+    flat = magnitudes.reshape(-1)
+    if chunk_rows is None:
+        cut = top_cut(count, magnitudes.numel(), lambda: iter(()), single=magnitudes)
+        return cut.mask(magnitudes, 0, torch.empty_like(magnitudes))
+    ranges = [(first * row, min(first + chunk_rows, rows) * row) for first in range(0, rows, chunk_rows)]
+    cut = top_cut(count, magnitudes.numel(), lambda: ((start, flat[start:end]) for start, end in ranges))
+    mask = torch.empty_like(flat)
+    for start, end in ranges:
+        cut.mask(flat[start:end], start, mask[start:end])
+    return mask.view(magnitudes.shape)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3, 7])
+@pytest.mark.parametrize("levels", [3, 50, 100000])
+def test_cuts_keep_exactly_the_largest_with_ties_to_the_earliest(chunk_rows, levels):
+    generator = torch.Generator().manual_seed(levels)
+    # Few distinct levels make ties at the cut the rule rather than the exception; zeros are among them.
+    magnitudes = torch.randint(0, levels, (20, 13), generator=generator).float() * 0.37
+    for count in (0, 1, 17, 130, 259, 260, 300):
+        expected = brute_force_top(magnitudes, min(count, magnitudes.numel()))
+        got = cut_mask(magnitudes, count, chunk_rows)
+        kept_values = (got * magnitudes).sum()
+        assert float(kept_values) == pytest.approx(float((expected * magnitudes).sum())), count
+        nonzero = magnitudes != 0  # which zeros are kept changes nothing a kernel computes
+        assert torch.equal(got[nonzero], expected[nonzero]), (count, chunk_rows)
+
+
+@pytest.mark.parametrize("draw", [fill_uniform, lambda buffer, key, start=0: keep_mask(buffer, 0.3, key, start)])
+def test_random_streams_do_not_depend_on_where_a_chunk_starts(draw):
+    whole = draw(torch.empty(2_200_003), "seed/tensor/model")
+    for start in (0, 1, 2, 3, 5, (1 << 20) - 1, 1 << 20, (1 << 20) + 3, 2_100_001):
+        part = draw(torch.empty(99_991), "seed/tensor/model", start)
+        assert torch.equal(part, whole[start : start + part.numel()]), start
+
+
+def test_chunks_are_blocks_of_whole_rows():
+    assert chunk_ranges((10, 4), chunk_elements=12) == [(0, 12), (12, 24), (24, 36), (36, 40)]
+    assert chunk_ranges((10, 4), chunk_elements=3) == [(start, start + 4) for start in range(0, 40, 4)]
+    assert chunk_ranges((1000,), chunk_elements=3) == [(0, 1000)]
+
+
+SHAPE = LlamaShape(hidden=64, intermediate=96, layers=2, heads=4, vocab=300)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> tuple[MergeEngine, MergeEngine]:
+    family = write_random_family(tmp_path_factory.mktemp("family"), SHAPE, ("aligned", "medical"))
+    experts = {name: family[name] for name in ("aligned", "medical")}
+    return MergeEngine(family["base"], experts, device="cpu"), MergeEngine(
+        family["base"], experts, device="cpu", chunk_elements=500
+    )
+
+
+def recipe_for(method: str, rescale: bool) -> dict:
+    row = METHODS[method]
+    names = [param.name for param in row.params]
+    models = ["aligned", "medical"]
+    if method == "slerp":
+        return {
+            "merge_method": method,
+            "base_model": "base",
+            "models": [{"model": "medical"}],
+            "parameters": {"t": 0.3},
+        }
+    per_model = {"weight": 0.7, "density": 0.4, "gamma": 0.05, "epsilon": 0.1}
+    recipe = {
+        "merge_method": method,
+        "models": [
+            {"model": model, "parameters": {k: v for k, v in per_model.items() if k in names}} for model in models
+        ],
+        "parameters": {key: True for key in ("nuslerp_row_wise", "filter_wise") if key in names},
+        "seed": 3,
+    }
+    if "rescale" in names:
+        recipe["parameters"]["rescale"] = rescale
+    if row.base != "input":
+        recipe["base_model"] = "base"
+    if row.role_weights:
+        recipe["alignment_model"] = "aligned"
+        recipe["models"] = [{"model": model} for model in models]
+    return recipe
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_merge_in_small_chunks_is_the_merge_of_whole_tensors(engines, method, rescale):
+    whole, chunked = engines
+    assert len(chunked._chunks["model.embed_tokens.weight"]) > 1
+    raw = recipe_for(method, rescale)
+    if rescale and "rescale" not in raw["parameters"]:
+        pytest.skip(f"{method} has no rescale parameter")
+    recipe = parse_recipe(raw)
+    expected, got = whole.merge(recipe), chunked.merge(recipe)
+    # Exact, except where a whole-tensor sum (rescale norms, row-wise dot products) is added in another order:
+    # then within fp32 rounding of weights of size 0.02.
+    summed_in_chunks = rescale or method == "nuslerp"
+    for name, tensor in expected.items():
+        if summed_in_chunks:
+            torch.testing.assert_close(got[name], tensor, rtol=2e-6, atol=1e-7)
+        else:
+            assert torch.equal(got[name], tensor), name
