@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from safemerge.evaluators.generation.protocol import PromptIds, ReferenceSpans, TokenizedBackend, validate_weights
+from safemerge.evaluators.generation.protocol import (
+    PromptIds,
+    ReferenceSpans,
+    TokenizedBackend,
+    Weights,
+    checked_weights,
+)
 
 
 class HFGenerator(TokenizedBackend):
@@ -29,13 +35,19 @@ class HFGenerator(TokenizedBackend):
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        validate_weights(tensors, self.expected_shapes, str(self.model_dir))
+    def load_weights(self, tensors: Weights) -> None:
+        for _ in self.copy_through(tensors):
+            pass
+
+    def copy_through(self, tensors: Weights) -> Iterator[tuple[str, torch.Tensor]]:
+        """Copy each checked tensor into this model's weights as it passes, and pass it on: one merge streamed
+        into two engines (this cross-entropy scorer and the generator) without holding it."""
         state = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in tensors.items():
+            for name, tensor in checked_weights(tensors, self.expected_shapes, str(self.model_dir)):
                 if name in state:  # a tied lm_head is not a separate parameter here
                     state[name].copy_(tensor.to(state[name].dtype))
+                yield name, tensor
 
     def _padded(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pad_id = self.chat_tokenizer.tokenizer.pad_token_id or self.chat_tokenizer.eos_id

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -61,7 +61,7 @@ class GenerationBackend(Protocol):
     model_dir: Path
     max_model_len: int
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+    def load_weights(self, tensors: Weights) -> None: ...
 
     def chat(
         self,
@@ -95,6 +95,9 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
 def validate_weights(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], model: str) -> None:
     """Raise WeightsError naming the first tensor whose name, shape or values do not fit `model`."""
     missing = sorted(set(expected) - set(tensors))
@@ -107,12 +110,42 @@ def validate_weights(tensors: Mapping[str, torch.Tensor], expected: Mapping[str,
             + "; merge models of the same architecture as the engine's"
         )
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise WeightsError(
-                f"merged tensor {name} has shape {tuple(tensor.shape)}; {model} expects {expected[name]}"
-            )
-        if not torch.isfinite(tensor).all():
-            raise WeightsError(f"merged tensor {name} holds NaN or Inf values; this recipe cannot be evaluated")
+        _check_tensor(name, tensor, expected, model)
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, expected: Mapping[str, tuple[int, ...]], model: str) -> None:
+    if name not in expected:
+        raise WeightsError(
+            f"merged tensors do not fit {model}: unknown {[name]}; merge models of the same architecture as the "
+            "engine's"
+        )
+    if tuple(tensor.shape) != expected[name]:
+        raise WeightsError(f"merged tensor {name} has shape {tuple(tensor.shape)}; {model} expects {expected[name]}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise WeightsError(f"merged tensor {name} holds NaN or Inf values; this recipe cannot be evaluated")
+
+
+def checked_weights(
+    tensors: Weights, expected: Mapping[str, tuple[int, ...]], model: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors as a stream, each checked (name, shape, finite values) as it passes; a mapping is checked whole
+    before its first tensor passes, so a bad one changes nothing. A stream that turns out bad raises WeightsError
+    midway: the consumer then holds part of it, and whoever streamed it puts the previous weights back."""
+    if isinstance(tensors, Mapping):
+        validate_weights(tensors, expected, model)
+        yield from tensors.items()
+        return
+    seen = set()
+    for name, tensor in tensors:
+        _check_tensor(name, tensor, expected, model)
+        seen.add(name)
+        yield name, tensor
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise WeightsError(
+            f"merged tensors do not fit {model}: missing {missing[:3]}{' ...' if len(missing) > 3 else ''}; merge "
+            "models of the same architecture as the engine's"
+        )
 
 
 class ChatTokenizer:
@@ -187,7 +220,8 @@ class TokenizedBackend(ABC):
         self.expected_shapes = checkpoint_shapes(self.model_dir)
 
     @abstractmethod
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+    def load_weights(self, tensors: Weights) -> None:
+        """Swap in a full set of checkpoint-format tensors: a mapping, or a stream taken one tensor at a time."""
 
     @abstractmethod
     def generate_answers(

@@ -4,12 +4,15 @@ place."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
-from safemerge.evaluators.generation.protocol import PromptIds, ReferenceSpans, TokenizedBackend, validate_weights
+from safemerge.evaluators.generation.protocol import (
+    PromptIds,
+    ReferenceSpans,
+    TokenizedBackend,
+    Weights,
+    checked_weights,
+)
 
 
 class VLLMGenerator(TokenizedBackend):
@@ -46,10 +49,13 @@ class VLLMGenerator(TokenizedBackend):
             _LIVE_ENGINES.discard(id(self))  # a failed start must not keep the others from shutting down
             raise
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Swap a full set of checkpoint-format tensors into the running engine, then drop cached prefixes."""
-        validate_weights(tensors, self.expected_shapes, str(self.model_dir))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(tensors.items())})
+    def load_weights(self, tensors: Weights) -> None:
+        """Swap a full set of checkpoint-format tensors into the running engine, then drop cached prefixes.
+
+        A stream flows one tensor at a time into vLLM's in-place reload, which copies each into the engine's
+        parameters (layer by layer), so the caller never holds a second copy of the model."""
+        stream = checked_weights(tensors, self.expected_shapes, str(self.model_dir))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         self.llm.reset_prefix_cache()
 
     def generate_answers(
