@@ -83,16 +83,20 @@ def job_config(args: argparse.Namespace):
 
 
 def prepare_inputs(config, log=print) -> None:
-    """Build the zoo and the data where the config expects them, unless they are there already."""
+    """Build the zoo where the config names zoo models, refuse a worker that does not fit its GPU or machine (the
+    memory plan, from the models' headers: before the data is written or any worker starts), then build the data;
+    what is there already is kept."""
     from safemerge.evaluators.synthetic import ensure_datasets
+    from safemerge.search.plan import check_worker_memory
 
-    ensure_datasets(config.data, config.seed, log=log)
     models = config.models
     references = [models.base, models.aligned, models.guard, *models.experts.values()]
     if any(reference and reference.startswith("zoo:") for reference in references):
         from safemerge.zoo.build import ensure_zoo
 
         ensure_zoo(config.zoo_dir, seed=config.seed, log=log)
+    check_worker_memory(config, log=log)
+    ensure_datasets(config.data, config.seed, log=log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

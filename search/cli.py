@@ -1,4 +1,4 @@
-"""The `safemerge search run | compare | resume` and `safemerge pareto` sub-commands, and the options that
+"""The `safemerge search run | plan | compare | resume` and `safemerge pareto` sub-commands, and the options that
 override a search config's fields (shared with the Ray job entrypoint)."""
 
 from __future__ import annotations
@@ -47,26 +47,64 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def _cmd_search_run(args: argparse.Namespace) -> None:
     from safemerge.search.config import load_config
-    from safemerge.search.run import execute, format_front
+    from safemerge.search.plan import check_worker_memory
 
     config = load_config(args.config, config_overrides(args))
+    check_worker_memory(config)  # refuses a worker that does not fit before anything loads (or Ray is imported)
+    from safemerge.search.run import execute, format_front
+
     summary = execute(config)
     print(format_front(summary))
 
 
+def _gib_amount(text: str) -> float:
+    try:
+        amount = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB such as 80 or 79.2, got {text!r}") from None
+    if not amount > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 GiB, got {text!r}")
+    return amount
+
+
+def _cmd_search_plan(args: argparse.Namespace) -> None:
+    from safemerge.search.config import load_config
+    from safemerge.search.plan import GIB, check_plan, format_plan, plan_worker
+
+    config = load_config(args.config, config_overrides(args))
+    plan = plan_worker(
+        config,
+        gpu_memory_bytes=None if args.gpu_memory_gib is None else int(args.gpu_memory_gib * GIB),
+        host_memory_bytes=None if args.host_memory_gib is None else int(args.host_memory_gib * GIB),
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(format_plan(plan))
+    check_plan(plan)  # exit code 2 with the one-line refusal
+
+
 def _cmd_search_resume(args: argparse.Namespace) -> None:
     from safemerge.search.driver import load_search_config
+    from safemerge.search.plan import check_worker_memory
     from safemerge.search.run import execute, format_front
 
-    summary = execute(load_search_config(args.name, args.results_dir))
+    config = load_search_config(args.name, args.results_dir)
+    check_worker_memory(config)
+    summary = execute(config)
     print(format_front(summary))
 
 
 def _cmd_search_compare(args: argparse.Namespace) -> None:
-    from safemerge.search.compare import compare, format_comparison
     from safemerge.search.config import load_config
+    from safemerge.search.plan import check_worker_memory
 
     config = load_config(args.config, config_overrides(args))
+    check_worker_memory(config)
+    from safemerge.search.compare import compare, format_comparison
+
     print(format_comparison(compare(config, grid_trials=args.grid_trials, domain_only_trials=args.domain_only_trials)))
 
 
@@ -95,6 +133,29 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
     add_override_options(run)
     run.set_defaults(handler=_cmd_search_run)
+    plan = search_commands.add_parser(
+        "plan",
+        help="the memory plan of one worker: GPU and host bytes, and whether it fits (exit code 2 when not)",
+        description="From the models' config.json files and safetensors headers only (no weights are read or "
+        "downloaded), print what one worker holds on its GPU and in host memory: the vLLM generator (weights at the "
+        "checkpoint's dtype, KV cache, overhead), the Llama Guard judge, the merge store and its scratch, where the "
+        "store lives, and the vLLM options the worker starts its engines with. `search run` checks the same plan "
+        "first.",
+    )
+    plan.add_argument("config", type=Path, help="a search config, e.g. configs/llama3-medical.yaml")
+    add_override_options(plan)
+    plan.add_argument(
+        "--gpu-memory-gib",
+        type=_gib_amount,
+        help="one worker's GPU memory (default: workers.gpu_memory_gib, else this machine's CUDA device)",
+    )
+    plan.add_argument(
+        "--host-memory-gib",
+        type=_gib_amount,
+        help="one worker's machine memory (default: workers.host_memory_gib, else this machine's)",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_cmd_search_plan)
     comparison = search_commands.add_parser(
         "compare",
         help="the paper's table: aligned, experts, grid, LM-Cocktail, domain-only and full searches",

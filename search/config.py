@@ -101,6 +101,21 @@ class WorkersConfig(_Strict):
 
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
+    # 32 concurrent sequences: decoding an 8B model on one GPU reads every weight once per step whatever the batch,
+    # so throughput grows almost linearly up to there; and 32 full-length sequences of Llama-3-8B at 4096 tokens
+    # are a 16 GiB KV cache, which leaves room for the Llama Guard judge on one 80 GiB GPU (README, "Memory").
+    max_num_seqs: int = Field(
+        32,
+        ge=1,
+        description="sequences each vLLM engine runs at once on a GPU; its KV cache holds that many at "
+        "evaluation.max_model_len (the judge runs at most 16)",
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of one worker's GPU; unset: the memory plan reads the GPU where it runs"
+    )
+    host_memory_gib: float | None = Field(
+        None, gt=0, description="memory of one worker's machine; unset: the plan reads the machine it runs on"
+    )
 
 
 class MlflowConfig(_Strict):
