@@ -17,8 +17,9 @@ from safemerge.evaluators.directions import reported_metrics
 from safemerge.evaluators.generation import VLLMGenerator, open_backend
 from safemerge.evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
 from safemerge.merges.engine import MergeEngine
-from safemerge.merges.recipe import parse_recipe
+from safemerge.merges.recipe import Recipe, parse_recipe
 from safemerge.search.config import BASE_ROLE, SearchConfig
+from safemerge.search.plan import check_plan, plan_worker
 
 # What a worker adds to the evaluator's metrics of a trial.
 WORKER_METRICS = ("worker", "duration_s")
@@ -44,18 +45,31 @@ class TrialWorker:
         models = self.config.models
         self.folders = {role: self.config.resolve_model(reference) for role, reference in models.roles().items()}
         base = self.folders[BASE_ROLE]
-        self.merge_engine = MergeEngine(
-            base, {role: path for role, path in self.folders.items() if role != BASE_ROLE}, base_name=BASE_ROLE
-        )
         evaluation = self.config.evaluation
-        self.generator = VLLMGenerator(base, max_model_len=evaluation.max_model_len, seed=self.config.seed)
+        # On a GPU the memory plan, made before any weight is read, refuses a worker that does not fit, places
+        # the merge store (on the device, or pinned host memory streamed to it) and sizes each vLLM engine; the
+        # CPU build runs float32 and sizes its KV cache from VLLM_CPU_KVCACHE_SPACE.
+        memory_plan = plan_worker(self.config) if self.config.workers.gpus > 0 else None
+        if memory_plan is not None:
+            check_plan(memory_plan)
+        self.merge_engine = MergeEngine(
+            base,
+            {role: path for role, path in self.folders.items() if role != BASE_ROLE},
+            base_name=BASE_ROLE,
+            store_device="cpu" if memory_plan is not None and not memory_plan.store_on_device else None,
+        )
+        if memory_plan is not None:
+            self.generator = VLLMGenerator(base, seed=self.config.seed, **memory_plan.generator_options())
+        else:
+            self.generator = VLLMGenerator(base, max_model_len=evaluation.max_model_len, seed=self.config.seed)
         ce_backend = default_ce_backend()
         self.ce_scorer = open_backend(ce_backend, base) if ce_backend != "vllm" else None
         judge = evaluation.judge
         if judge.startswith("guard"):
             judge = f"guard:{self.config.resolve_model(models.guard)}"
-        self.judge = open_judge(judge)
+        self.judge = open_judge(judge, **(memory_plan.judge_options() if memory_plan is not None else {}))
         self.eval_sets = {}
+        self._loaded = parse_recipe(single_model_recipe(BASE_ROLE), source="base recipe")  # what the engines hold
         self.evaluation_times: list[tuple[float, float]] = []  # (start, end) of each evaluation, epoch seconds
         self.setup_seconds = time.perf_counter() - started
 
@@ -70,11 +84,27 @@ class TrialWorker:
         return self.eval_sets[split]
 
     def load(self, recipe: dict) -> None:
-        """Merge `recipe` in memory and swap it into the engines."""
-        tensors = self.merge_engine.merge(parse_recipe(recipe, source="trial recipe"))
-        self.generator.load_weights(tensors)
+        """Merge `recipe` in memory and stream it into the engines, one tensor at a time (never a second copy of
+        the model). A tensor that fails its check midway (NaN, Inf) leaves the engines part-way, so the last good
+        recipe is streamed back in before the error goes on: the trial fails, the engines keep their weights."""
+        parsed = parse_recipe(recipe, source="trial recipe")
+        self.merge_engine.plan(parsed)  # a bad recipe fails here, before any engine is touched
+        try:
+            self._stream(parsed)
+        except Exception:
+            try:
+                self._stream(self._loaded)
+            except Exception as error:  # the engines hold neither merge: this worker cannot go on
+                message = f"the engines' weights could not be restored after a failed swap: {error}"
+                raise RuntimeError(message) from error
+            raise
+        self._loaded = parsed
+
+    def _stream(self, recipe: Recipe) -> None:
+        tensors = self.merge_engine.iter_merge(recipe)
         if self.ce_scorer is not None:
-            self.ce_scorer.load_weights(tensors)
+            tensors = self.ce_scorer.copy_through(tensors)
+        self.generator.load_weights(tensors)
 
     def evaluate(self, recipe: dict, split: str = "dev") -> dict[str, float]:
         """Every objective of one recipe on one split, plus this worker's index and the trial's duration."""
