@@ -32,16 +32,16 @@ from safemerge.merges.methods import (
     chunked_l1,
 )
 from safemerge.merges.methods.inputs import chunk_gram_along
-from safemerge.merges.methods.selection import TopCut, top_cut
+from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
 from safemerge.merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
-# Rows per chunk are chosen so a chunk holds at most this many elements (8 MB in fp32): small enough that the
+# Rows per chunk are chosen so a chunk holds at most this many elements (4 MB in fp32): small enough that the
 # buffers are a few percent of a 250M-parameter family, large enough that each torch call is mostly arithmetic.
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_ranges(shape: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
@@ -134,6 +134,7 @@ class MergeEngine:
             (end - start for ranges in self._chunks.values() for start, end in ranges), default=0
         )
         self._pools: dict[int, dict[int, torch.Tensor]] = {}
+        self._samples: dict[tuple[str, int], np.ndarray] = {}  # (tensor, slot) -> ascending |task vector| sample
         if recipe is not None:
             self.plan(recipe)  # a recipe known up front is checked against the headers before any tensor is read
         try:
@@ -162,12 +163,20 @@ class MergeEngine:
         size = len(self.basis)
         l1 = [0.0] * size
         gram = torch.zeros(size, size, dtype=torch.float64)
-        for _, tensors in self.iter_chunks(name):
+        total, chunked = self.shapes[name].numel(), len(self._chunks[name]) > 1
+        samples: list[list[np.ndarray]] = [[] for _ in range(size)]
+        for start, tensors in self.iter_chunks(name):
             flat = [tensor.reshape(-1) for tensor in tensors]
             for i in range(size):
                 l1[i] += chunked_l1(flat[i])
                 for j in range(i, size):
                     gram[i, j] += chunked_dot(flat[i], flat[j])
+                if chunked and i > 0:
+                    picked = flat[i][sample_positions(start, flat[i].numel(), total)]
+                    samples[i].append(picked.abs().cpu().numpy())
+        if chunked:  # a few thousand |task vector| values: they bracket any magnitude cut, so one pass finds it
+            for slot in range(1, size):
+                self._samples[(name, slot)] = np.sort(np.concatenate(samples[slot]))
         for label, norm in zip(self.basis, l1, strict=True):
             if not math.isfinite(norm):
                 raise UserError(
@@ -462,7 +471,9 @@ class _TensorStatistics:
                 for start, tensors in self._side_chunks([slot]):
                     yield start, tensors[slot].abs_()
 
-            self._cuts[key] = top_cut(count, self.total, chunks, single=magnitudes if self.whole else None)
+            single = magnitudes if self.whole else None
+            sample = self.engine._samples.get((self.name, slot))
+            self._cuts[key] = top_cut(count, self.total, chunks, single=single, sample=sample)
         return self._cuts[key]
 
     def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:

@@ -9,6 +9,7 @@ in flat order, the rule the engine has always used.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -51,14 +52,69 @@ class TopCut:
         return out
 
 
-def top_cut(count: int, total: int, chunks: MagnitudeChunks, single: torch.Tensor | None = None) -> TopCut:
+def top_cut(
+    count: int,
+    total: int,
+    chunks: MagnitudeChunks,
+    single: torch.Tensor | None = None,
+    sample: np.ndarray | None = None,
+) -> TopCut:
     """The cut of the `count` largest of `total` non-negative finite magnitudes. `single` is the whole tensor's
-    magnitudes when it is held in one chunk; otherwise `chunks()` streams them (called once per pass)."""
+    magnitudes when it is held in one chunk; otherwise `chunks()` streams them (called once per pass), and
+    `sample`, an ascending sample of them, brackets the cut so that one pass finds it."""
     if count >= total or count <= 0:
         return TopCut(count, total)
     if single is not None:
         return _cut_in_memory(count, total, single)
+    if sample is not None and sample.size:
+        cut = _cut_in_bracket(count, total, chunks, sample)
+        if cut is not None:
+            return cut
     return _cut_by_radix(count, total, chunks)
+
+
+def sample_positions(start: int, size: int, total: int, samples: int = 4096) -> slice:
+    """Which elements of a chunk [start, start + size) belong to a tensor's strided sample of about `samples`."""
+    stride = max(1, total // samples)
+    return slice((-start) % stride, size, stride)
+
+
+_BRACKET_SIGMAS = 5.0  # a sample quantile's error is binomial: the cut falls outside 5 sigmas about once in 10^6
+_MOST_IN_BRACKET = 0.25  # a bracket holding more than this share of a chunk (many equal values) is not worth it
+
+
+def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.ndarray) -> TopCut | None:
+    """One pass: count what lies above a bracket [low, high] around the sample's estimate of the cut and collect
+    what lies in it, then select in the collected values. None when the cut is outside the bracket after all."""
+    size = sample.size
+    rank = size * (1 - count / total)  # the cut's ascending position in the sample
+    margin = _BRACKET_SIGMAS * math.sqrt(size * (count / total) * (1 - count / total)) + 2
+    low = float(sample[int(rank - margin)]) if rank - margin >= 0 else 0.0
+    high = float(sample[int(rank + margin) + 1]) if int(rank + margin) + 1 < size else math.inf
+    if low == high:
+        return None  # many equal values at the cut (a frozen tensor): the radix handles them without collecting
+    above, inside = 0, []
+    for start, magnitudes in chunks():
+        flat = magnitudes.reshape(-1)
+        above += int(torch.count_nonzero(flat > high))
+        values = flat[(flat >= low) & (flat <= high)]
+        if values.numel() > _MOST_IN_BRACKET * flat.numel():
+            return None
+        inside.append((start, values.cpu().numpy()))
+    collected = np.concatenate([values for _, values in inside])
+    within = count - above  # the cut is the within-th largest collected value
+    if not 0 < within <= collected.size:
+        return None
+    value = np.partition(collected, collected.size - within)[collected.size - within]
+    greater = above + int(np.count_nonzero(collected > value))
+    tied = int(np.count_nonzero(collected == value))
+    if value == 0 or greater + tied <= count:
+        return TopCut(count, total, float(value))
+    tied_before, seen = {}, 0
+    for start, values in inside:
+        tied_before[start] = seen
+        seen += int(np.count_nonzero(values == value))
+    return TopCut(count, total, float(value), tied_kept=count - greater, tied_before=tied_before)
 
 
 def _cut_in_memory(count: int, total: int, magnitudes: torch.Tensor) -> TopCut:

@@ -3,12 +3,13 @@ not depend on the chunking, and merges in small chunks equal to merges of whole 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from safemerge.merges.engine import MergeEngine, chunk_ranges, fill_uniform, keep_mask
 from safemerge.merges.methods import METHODS
-from safemerge.merges.methods.selection import top_cut
+from safemerge.merges.methods.selection import sample_positions, top_cut
 from safemerge.merges.recipe import parse_recipe
 from safemerge.zoo.random_family import LlamaShape, write_random_family
 
@@ -21,7 +22,7 @@ def brute_force_top(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
     return mask.view(magnitudes.shape)
 
 
-def cut_mask(magnitudes: torch.Tensor, count: int, chunk_rows: int | None) -> torch.Tensor:
+def cut_mask(magnitudes: torch.Tensor, count: int, chunk_rows: int | None, sampled: bool = False) -> torch.Tensor:
     rows = magnitudes.shape[0]
     row = magnitudes[0].numel()
     flat = magnitudes.reshape(-1)
@@ -29,22 +30,31 @@ def cut_mask(magnitudes: torch.Tensor, count: int, chunk_rows: int | None) -> to
         cut = top_cut(count, magnitudes.numel(), lambda: iter(()), single=magnitudes)
         return cut.mask(magnitudes, 0, torch.empty_like(magnitudes))
     ranges = [(first * row, min(first + chunk_rows, rows) * row) for first in range(0, rows, chunk_rows)]
-    cut = top_cut(count, magnitudes.numel(), lambda: ((start, flat[start:end]) for start, end in ranges))
+    sample = None
+    if sampled:  # as the engine samples: every stride-th element, gathered chunk by chunk
+        total = magnitudes.numel()
+        pieces = [flat[start:end][sample_positions(start, end - start, total, samples=40)] for start, end in ranges]
+        sample = np.sort(torch.cat(pieces).numpy())
+    chunks = lambda: ((start, flat[start:end]) for start, end in ranges)  # noqa: E731
+    cut = top_cut(count, magnitudes.numel(), chunks, sample=sample)
     mask = torch.empty_like(flat)
     for start, end in ranges:
         cut.mask(flat[start:end], start, mask[start:end])
     return mask.view(magnitudes.shape)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 3, 7])
 @pytest.mark.parametrize("levels", [3, 50, 100000])
-def test_cuts_keep_exactly_the_largest_with_ties_to_the_earliest(chunk_rows, levels):
+def test_cuts_keep_exactly_the_largest_with_ties_to_the_earliest(chunk_rows, levels, sampled):
+    if sampled and chunk_rows is None:
+        pytest.skip("a tensor in one chunk is cut in memory")
     generator = torch.Generator().manual_seed(levels)
     # Few distinct levels make ties at the cut the rule rather than the exception; zeros are among them.
     magnitudes = torch.randint(0, levels, (20, 13), generator=generator).float() * 0.37
     for count in (0, 1, 17, 130, 259, 260, 300):
         expected = brute_force_top(magnitudes, min(count, magnitudes.numel()))
-        got = cut_mask(magnitudes, count, chunk_rows)
+        got = cut_mask(magnitudes, count, chunk_rows, sampled)
         kept_values = (got * magnitudes).sum()
         assert float(kept_values) == pytest.approx(float((expected * magnitudes).sum())), count
         nonzero = magnitudes != 0  # which zeros are kept changes nothing a kernel computes
@@ -125,3 +135,24 @@ def test_a_merge_in_small_chunks_is_the_merge_of_whole_tensors(engines, method, 
             torch.testing.assert_close(got[name], tensor, rtol=2e-6, atol=1e-7)
         else:
             assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("count", [1, 1000, 50000, 99999])
+def test_a_sampled_bracket_finds_the_exact_cut_in_one_pass(monkeypatch, count):
+    from safemerge.merges.methods import selection
+
+    def no_radix(*_):
+        raise AssertionError("the bracket missed the cut and fell back to the radix select")
+
+    monkeypatch.setattr(selection, "_cut_by_radix", no_radix)
+    generator = torch.Generator().manual_seed(count)
+    magnitudes = torch.randint(0, 20000, (2000, 50), generator=generator).float() * 0.37  # ties, and zeros
+    flat, total = magnitudes.reshape(-1), magnitudes.numel()
+    ranges = [(start, min(start + 7500, total)) for start in range(0, total, 7500)]
+    pieces = [flat[start:end][sample_positions(start, end - start, total)] for start, end in ranges]
+    cut = top_cut(count, total, lambda: ((s, flat[s:e]) for s, e in ranges), sample=np.sort(torch.cat(pieces).numpy()))
+    mask = torch.empty_like(flat)
+    for start, end in ranges:
+        cut.mask(flat[start:end], start, mask[start:end])
+    expected = brute_force_top(flat, count)
+    assert torch.equal(mask[flat != 0], expected[flat != 0])
