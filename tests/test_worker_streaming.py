@@ -32,7 +32,10 @@ BAD = {
 
 
 @pytest.fixture(scope="module")
-def worker(zoo_dir, data_dir):
+def worker(zoo_dir, data_dir, engines):
+    # In-process vLLM engines share the process's distributed state, which the last one to close tears down:
+    # a session engine kept live keeps this worker's close from ending it for the tests that follow.
+    engines("base")
     config = load_config(REPO / "configs" / "zoo.yaml", {"zoo_dir": str(zoo_dir), "data": str(data_dir)})
     worker = TrialWorker(config.model_dump(mode="json"))
     yield worker

@@ -132,9 +132,14 @@ def checked_weights(
     before its first tensor passes, so a bad one changes nothing. A stream that turns out bad raises WeightsError
     midway: the consumer then holds part of it, and whoever streamed it puts the previous weights back."""
     if isinstance(tensors, Mapping):
-        validate_weights(tensors, expected, model)
-        yield from tensors.items()
-        return
+        validate_weights(tensors, expected, model)  # now, before the consumer has begun to take any
+        return iter(tensors.items())
+    return _checked_stream(tensors, expected, model)
+
+
+def _checked_stream(
+    tensors: Iterable[tuple[str, torch.Tensor]], expected: Mapping[str, tuple[int, ...]], model: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     seen = set()
     for name, tensor in tensors:
         _check_tensor(name, tensor, expected, model)
