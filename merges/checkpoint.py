@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from safemerge.errors import UserError
-from safemerge.weights import weight_files
+from safemerge.weights import read_safetensors_entries, weight_files
 
 # Tokenizer and generation files a merged folder takes from its tokenizer source (the list mergekit copies).
 TOKENIZER_FILES = (
@@ -75,7 +75,7 @@ class Checkpoint:
             self._dtypes[name] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
             self._where[name] = path
         self._sources[path] = handle
-        self._offsets.update(_data_offsets(path))
+        self._offsets.update({name: entry[2] for name, entry in read_safetensors_entries(path).items()})
 
     def _read_pickle(self, path: Path) -> None:
         try:
@@ -212,20 +212,6 @@ def _check_tied(base: Checkpoint, other: Checkpoint) -> None:
         f"its own {OUTPUT_LAYER}; merge models that are all tied or all untied (untie the tied one by saving "
         f"{OUTPUT_LAYER} as a copy of its embed_tokens.weight)"
     )
-
-
-def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Each tensor's absolute byte range in a safetensors file: an 8-byte little-endian header length, the JSON
-    header (name -> dtype, shape, data_offsets relative to the data section), then the data."""
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(length))
-    data = 8 + length
-    return {
-        name: (data + entry["data_offsets"][0], data + entry["data_offsets"][1])
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
 
 
 def check_compatible(base: Checkpoint, others: list[Checkpoint]) -> None:

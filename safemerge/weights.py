@@ -95,6 +95,11 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     """Tensor name -> (safetensors dtype such as "BF16", shape), from the 8-byte length and the JSON header of a
     safetensors file; no tensor data is read, so a header-only stub (a valid header and no data) reads too, which
     `safetensors.safe_open` refuses."""
+    return {name: (dtype, shape) for name, (dtype, shape, _) in read_safetensors_entries(path).items()}
+
+
+def read_safetensors_entries(path: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """Tensor name -> (dtype, shape, absolute byte range of its data in the file), from the header alone."""
     path = Path(path)
 
     def broken(what: str) -> UserError:
@@ -140,7 +145,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
                 f"tensor {name!r} of shape {tuple(shape)} in {dtype} spans data offsets {offsets}, "
                 f"not {numel * SAFETENSORS_DTYPE_BYTES[dtype]} bytes"
             )
-        tensors[name] = (dtype, tuple(shape))
+        tensors[name] = (dtype, tuple(shape), (8 + length + offsets[0], 8 + length + offsets[1]))
     return tensors
 
 
