@@ -74,9 +74,7 @@ def search_config(tmp_path: Path, family: dict[str, Path], data_dir: Path) -> Pa
 
 
 @pytest.mark.vllm
-def test_search_on_a_random_family_of_every_format_registers_the_in_memory_merge(
-    family, data_dir, tmp_path, monkeypatch
-):
+def test_search_on_a_random_family_of_every_format_registers_the_in_memory_merge(family, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert len(list(family["base"].glob("model-*.safetensors"))) > 1 and (family["base"] / SAFETENSORS_INDEX).is_file()
@@ -93,13 +91,20 @@ def test_search_on_a_random_family_of_every_format_registers_the_in_memory_merge
     assert summary["completed"] == 2 and summary["failed"] == 0 and summary["front"]
     entry = summary["front"][0]
 
-    # The folder the registry holds (a copy of the one the worker saved), as a user downloads it.
-    # Both URIs: a models:/ address resolves through the registry, which otherwise defaults to ./mlflow.db.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    registered = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{entry['registered_model']}/{entry['version']}", dst_path=str(tmp_path / "download")
-    )
+    # The folder the registry holds (a copy of the one the worker saved), as a user downloads it. Both URIs set
+    # for the call: a models:/ address resolves through the registry, and a search an earlier test ran in this
+    # process pinned both process-wide, which an environment variable does not override.
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    pinned = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    try:
+        registered = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{entry['registered_model']}/{entry['version']}", dst_path=str(tmp_path / "download")
+        )
+    finally:
+        mlflow.set_tracking_uri(pinned[0])
+        mlflow.set_registry_uri(pinned[1])
     folders = [path.parent for path in Path(registered).rglob("config.json") if path.parent.name != "download"]
     assert len(folders) == 1, folders
     merged_dir = folders[0]
