@@ -62,13 +62,17 @@ def largest_chunk(shapes: Sequence[Sequence[int]]) -> int:
 
 def scratch_buffers(task_vectors: int) -> int:
     """Chunk-sized fp32 buffers a merge may hold with this many task vectors: the chunk's base and task vectors
-    and the kernel's masks and sums (3n + 6), and a second set for whole-tensor passes (3n + 1)."""
-    return 6 * task_vectors + 7
+    and the kernel's masks and sums (3n + 6), a second set for whole-tensor passes (3n + 1), and della's int64
+    sort keys (2), transient, one chunk at a time."""
+    return 6 * task_vectors + 9
 
 
 def scratch_bytes(shapes: Sequence[Sequence[int]], task_vectors: int) -> int:
-    """Bytes of fp32 scratch a merge of tensors of these shapes holds at most, on the merge device."""
-    return 4 * largest_chunk(shapes) * scratch_buffers(task_vectors)
+    """Bytes of scratch a merge of tensors of these shapes holds at most, on the merge device: the fp32 chunk
+    buffers, and the random masks of one tensor (a bit per element and task vector) that a rescaled DARE or della
+    merge of a tensor in several chunks draws in its L1 pass and keeps for its merge pass."""
+    largest_tensor = max((math.prod(shape) for shape in shapes), default=0)
+    return 4 * largest_chunk(shapes) * scratch_buffers(task_vectors) + task_vectors * -(-largest_tensor // 8)
 
 
 @dataclass
@@ -201,16 +205,20 @@ class MergeEngine:
         basis[j] (its model minus the base, in fp32 as mergekit computes it), in `pool`'s buffers."""
         shape = self.shapes[name]
         chunk_shape = (((end - start) // (math.prod(shape[1:]) or 1)), *shape[1:]) if len(shape) > 1 else shape
-        held = self.store[name]
+        held = [tensor.view(-1)[start:end].view(chunk_shape) for tensor in self.store[name]]
         tensors: list[torch.Tensor | None] = [None] * len(held)
-        base = self._buffer(pool, -1, end - start).view(chunk_shape)
-        tensors[0] = base.copy_(held[0].view(-1)[start:end].view(chunk_shape), non_blocking=True)
+        # An fp32 model held on the merge device is read in place (kernels never write into their inputs).
+        direct = [tensor.dtype == torch.float32 and tensor.device == self.device for tensor in held]
+        base = held[0] if direct[0] else self._buffer(pool, -1, end - start).view(chunk_shape)
+        tensors[0] = base if direct[0] else base.copy_(held[0], non_blocking=True)
         for slot in slots:
             if slot == 0:
                 continue
             vector = self._buffer(pool, -1 - slot, end - start).view(chunk_shape)
-            vector.copy_(held[slot].view(-1)[start:end].view(chunk_shape), non_blocking=True)
-            tensors[slot] = vector.sub_(base)
+            if direct[slot]:
+                tensors[slot] = torch.sub(held[slot], base, out=vector)
+            else:
+                tensors[slot] = vector.copy_(held[slot], non_blocking=True).sub_(base)
         return tensors
 
     def iter_chunks(self, name: str, pool: int = 1) -> Iterator[tuple[int, list[torch.Tensor]]]:
@@ -453,6 +461,8 @@ class _TensorStatistics:
         self._l1: dict[str, float] = {}
         self._grams: dict[int, torch.Tensor] = {}
         self._side_tensors: list[torch.Tensor] = []
+        self._masks: dict[tuple[str, int], torch.Tensor] = {}  # (model, chunk start) -> packed bits
+        self._recording = False
 
     def pool_of(self, tensors: list[torch.Tensor]) -> int:
         return 1 if tensors is self._side_tensors else 0
@@ -480,17 +490,54 @@ class _TensorStatistics:
         if model not in self._l1:
             slot = self.engine.basis.index(model)
             total = 0.0
-            for start, tensors in self._side_chunks([slot]):
-                inputs = self.engine._inputs(self.recipe, self.name, start, tensors, self)
-                total += chunked_l1(sparsify(inputs))
+            self._recording = True  # the merge pass takes the same random masks from here, not a second draw
+            try:
+                for start, tensors in self._side_chunks([slot]):
+                    inputs = self.engine._inputs(self.recipe, self.name, start, tensors, self)
+                    total += chunked_l1(sparsify(inputs))
+            finally:
+                self._recording = False
             self._l1[model] = total
         return self._l1[model]
+
+    def random_mask(
+        self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
+    ) -> torch.Tensor:
+        key = (model, start)
+        if key in self._masks:
+            return unpack_mask(self._masks.pop(key), buffer)
+        mask = draw(buffer)
+        if self._recording:
+            self._masks[key] = pack_mask(mask)
+        return mask
 
     def gram_along(self, dim: int) -> torch.Tensor:
         if dim not in self._grams:
             slots = range(len(self.engine.basis))
             self._grams[dim] = sum(chunk_gram_along(tensors, dim) for _, tensors in self._side_chunks(slots))
         return self._grams[dim]
+
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask as one bit per element (uint8, little-endian within each byte), on the mask's device."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":  # numpy's packbits: one pass, several times faster than the torch ops below
+        return torch.from_numpy(np.packbits(flat.numpy() != 0, bitorder="little"))
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat.ne(0)
+    return padded.view(-1, 8).mul_(_BITS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_mask, written into `out` (fp32, 1.0 where set)."""
+    if packed.device.type == "cpu":
+        bits = torch.from_numpy(np.unpackbits(packed.numpy(), count=out.numel(), bitorder="little"))
+    else:
+        bits = packed.unsqueeze(1).bitwise_and(_BITS.to(packed.device)).ne_(0).view(-1)[: out.numel()]
+    return out.view(-1).copy_(bits).view(out.shape)
 
 
 RANDOM_CHUNK = 1 << 20

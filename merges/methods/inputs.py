@@ -31,6 +31,10 @@ class TensorStatistics(Protocol):
 
     def gram_along(self, dim: int) -> torch.Tensor: ...
 
+    def random_mask(
+        self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
+    ) -> torch.Tensor: ...
+
 
 @dataclass
 class TensorInputs:
@@ -56,6 +60,13 @@ class TensorInputs:
     def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
         """The `count` largest |task vector| elements of the whole tensor; `magnitudes` is this chunk's."""
         return self.statistics.top_cut(model, count, magnitudes)
+
+    def random_mask(
+        self, model: str, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
+    ) -> torch.Tensor:
+        """The 0/1 mask `draw` writes into `buffer` for this chunk: drawn once per merge, as a tensor merged in
+        several chunks with rescaling needs it twice (its L1 pass, then its merge pass)."""
+        return draw(buffer) if self.whole else self.statistics.random_mask(model, self.start, draw, buffer)
 
     def sparsified_l1(self, model: str, delta: torch.Tensor, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
         """L1 norm over the whole tensor of `sparsify` (this chunk's result: `delta`)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.merges.engine import MergeEngine, chunk_ranges, fill_uniform, keep_mask
+from safemerge.merges.engine import MergeEngine, chunk_ranges, fill_uniform, keep_mask, pack_mask, unpack_mask
 from safemerge.merges.methods import METHODS
 from safemerge.merges.methods.selection import sample_positions, top_cut
 from safemerge.merges.recipe import parse_recipe
@@ -41,6 +41,28 @@ def cut_mask(magnitudes: torch.Tensor, count: int, chunk_rows: int | None, sampl
     for start, end in ranges:
         cut.mask(flat[start:end], start, mask[start:end])
     return mask.view(magnitudes.shape)
+
+
+@pytest.mark.parametrize("shape", [(1,), (8,), (3, 7), (5, 64)])
+def test_a_packed_mask_unpacks_to_itself(shape):
+    mask = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, torch.full(shape, 7.0)), mask)
+
+
+@pytest.mark.parametrize("shape", [(7, 50), (1, 33), (40,), (13, 1)])
+@pytest.mark.parametrize("levels", [3, 100000])
+def test_della_ranks_each_row_by_magnitude_with_ties_by_column(shape, levels):
+    from safemerge.merges.methods.sparsify import _rank_norm
+
+    generator = torch.Generator().manual_seed(levels)
+    values = torch.randint(-levels, levels, shape, generator=generator).float() / levels
+    rows = values.reshape(1, -1) if values.dim() < 2 else values
+    # The reference: a stable sort by magnitude (ties to the lower column), inverted.
+    expected = torch.sort(rows.abs(), dim=1, stable=True).indices.argsort(dim=1).float() / max(rows.shape[1] - 1, 1)
+    ranks = _rank_norm(values, torch.empty(values.numel()))
+    assert torch.equal(ranks.view(rows.shape), expected)
 
 
 @pytest.mark.parametrize("sampled", [False, True])
