@@ -62,9 +62,9 @@ def largest_chunk(shapes: Sequence[Sequence[int]]) -> int:
 
 def scratch_buffers(task_vectors: int) -> int:
     """Chunk-sized fp32 buffers a merge may hold with this many task vectors: the chunk's base and task vectors
-    and the kernel's masks and sums (3n + 6), a second set for whole-tensor passes (3n + 1), and della's int64
-    sort keys (2), transient, one chunk at a time."""
-    return 6 * task_vectors + 9
+    and the kernel's masks and sums (3n + 6), a second set for whole-tensor passes (3n + 1), and in each set
+    della's int64 sort keys (2 + 2)."""
+    return 6 * task_vectors + 11
 
 
 def scratch_bytes(shapes: Sequence[Sequence[int]], task_vectors: int) -> int:
@@ -192,11 +192,11 @@ class MergeEngine:
 
     # Chunks: a tensor's base and task vectors in fp32, block of rows by block of rows.
 
-    def _buffer(self, pool: int, index: int, count: int) -> torch.Tensor:
+    def _buffer(self, pool: int, index: int, count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buffers = self._pools.setdefault(pool, {})
-        if index not in buffers:
-            buffers[index] = torch.empty(self._chunk_elements, dtype=torch.float32, device=self.device)
-        return buffers[index][:count]
+        if (index, dtype) not in buffers:
+            buffers[index, dtype] = torch.empty(self._chunk_elements, dtype=dtype, device=self.device)
+        return buffers[index, dtype][:count]
 
     def _materialize(
         self, name: str, start: int, end: int, slots: Sequence[int], pool: int
@@ -241,7 +241,8 @@ class MergeEngine:
         """Bytes the engine holds: the models at their dtypes ('store') and its fp32 buffers ('scratch')."""
         store = sum(tensor.numel() * tensor.element_size() for held in self.store.values() for tensor in held)
         store += sum(tensor.numel() * tensor.element_size() for tensor in self.passthrough.values())
-        scratch = sum(buffer.numel() * 4 for pool in self._pools.values() for buffer in pool.values())
+        buffers = [buffer for pool in self._pools.values() for buffer in pool.values()]
+        scratch = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
         return {"store": store, "scratch": scratch}
 
     # Planning: every parameter of every tensor resolved and checked before any tensor math.
@@ -414,7 +415,7 @@ class MergeEngine:
             keep_mask=lambda model, probability, buffer: keep_mask(
                 buffer, probability, f"{seed}/{name}/{model}", start
             ),
-            scratch=lambda index: self._buffer(pool, index, shape.numel()).view(shape),
+            scratch=lambda index, dtype=torch.float32: self._buffer(pool, index, shape.numel(), dtype).view(shape),
         )
 
     def save(

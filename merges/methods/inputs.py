@@ -55,7 +55,7 @@ class TensorInputs:
     statistics: TensorStatistics
     fill_uniform: Callable[[str, torch.Tensor], torch.Tensor]  # U[0, 1) seeded by (recipe seed, tensor, model)
     keep_mask: Callable[[str, float, torch.Tensor], torch.Tensor]  # 1.0 with probability p, same seeding
-    scratch: Callable[[int], torch.Tensor]  # reusable fp32 buffers shaped like this chunk
+    scratch: Callable[..., torch.Tensor]  # scratch(index[, dtype]): reusable buffers shaped like this chunk
 
     def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
         """The `count` largest |task vector| elements of the whole tensor; `magnitudes` is this chunk's."""

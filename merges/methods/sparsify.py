@@ -71,14 +71,14 @@ def _della(
 ) -> torch.Tensor:
 
     def draw(out: torch.Tensor) -> torch.Tensor:
-        probability = _rank_norm(task_vector, inputs.scratch(buffer + 1))
+        probability = _rank_norm(task_vector, inputs.scratch(buffer + 1), inputs.scratch(0, torch.int64))
         probability.mul_(2 * epsilon).add_(density - epsilon)
         return torch.lt(inputs.fill_uniform(model, out), probability, out=out)
 
     return inputs.random_mask(model, draw, inputs.scratch(buffer)).mul_(task_vector)
 
 
-def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
     """della's magnitude rank of each element within its row, scaled to [0, 1], computed per chunk (a chunk holds
     whole rows) rather than kept: a table of ranks would cost more memory than the model.
 
@@ -89,7 +89,8 @@ def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector
     columns = rows.shape[1]
     ranks = torch.abs(rows, out=out.view(rows.shape))
-    keys = ranks.view(torch.int32).to(torch.int64)  # transient, 2 fp32 buffers' worth (counted in scratch_buffers)
+    bits = ranks.view(torch.int32)
+    keys = bits.to(torch.int64) if keys is None else keys.view(rows.shape).copy_(bits)  # 2 fp32 buffers' worth
     keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(columns, dtype=torch.int64, device=rows.device))
     if keys.device.type == "cpu":
         _sort_rows(keys.numpy())
