@@ -131,6 +131,15 @@ class EvaluationConfig(_Strict):
     max_model_len: int = Field(512, ge=16)
     alpha: float = Field(0.3, ge=0, description="combined = ce_safety + alpha * ce_domain")
     safety_data: bool = Field(True, description="false: the paper's ablation, objectives see domain data only")
+    trial_timeout_s: float | None = Field(
+        3600.0,
+        gt=0,
+        description="a trial's evaluation that takes longer is hung: its worker is restarted and the trial re-run "
+        "(null: no limit)",
+    )
+    fault_retries: int = Field(
+        3, ge=0, description="re-runs of a trial whose worker died or hung; they do not spend the budget"
+    )
 
 
 class SearchConfig(_Strict):

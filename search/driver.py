@@ -84,7 +84,9 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result
         shown = ", ".join(f"{k} {result[k]:.2f}" for k in self.config.objectives.names() if k in result)
-        self._line(f"{trial.config['recipe']['merge_method']}: {shown}")
+        faults = int(result.get("worker_faults", 0))
+        rerun = f" (re-run after {faults} worker fault{'s' if faults > 1 else ''})" if faults else ""
+        self._line(f"{trial.config['recipe']['merge_method']}: {shown}{rerun}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.failed += 1
@@ -202,7 +204,14 @@ def run_search(
     )
     finished = (lambda: on_trial_finished(study)) if on_trial_finished else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, workers=workers, free_workers=free_workers), {"cpu": 0.01}
+        tune.with_parameters(
+            run_trial,
+            workers=workers,
+            free_workers=free_workers,
+            timeout_s=config.evaluation.trial_timeout_s,
+            fault_retries=config.evaluation.fault_retries,
+        ),
+        {"cpu": 0.01},
     )
     tuner = tune.Tuner(
         trainable,

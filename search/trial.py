@@ -7,6 +7,8 @@ error and the worker takes the next one.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import ray
 
 from safemerge.errors import UserError
 from safemerge.evaluators.directions import reported_metrics
-from safemerge.evaluators.generation import VLLMGenerator, open_backend
+from safemerge.evaluators.generation import VLLMGenerator, fatal_engine_error, open_backend
 from safemerge.evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
 from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import Recipe, parse_recipe
@@ -23,16 +25,30 @@ from safemerge.search.plan import check_plan, plan_worker
 
 # What a worker adds to the evaluator's metrics of a trial.
 WORKER_METRICS = ("worker", "duration_s")
+# What the trainable adds: how often the trial was re-run after its worker died or hung (search/trainable.py).
+FAULT_METRICS = ("worker_faults",)
 
 
 def trial_metric_names(config: SearchConfig) -> list[str]:
     """Every metric a trial of this search reports: the evaluator's (per-domain figures included) and the worker's."""
-    return [*reported_metrics(config.models.experts), *WORKER_METRICS]
+    return [*reported_metrics(config.models.experts), *WORKER_METRICS, *FAULT_METRICS]
 
 
 def single_model_recipe(role: str) -> dict:
     """The recipe that scores one input model as it is (a baseline: the aligned model, an expert)."""
     return {"merge_method": "linear", "models": [{"model": role, "parameters": {"weight": 1.0}}]}
+
+
+class WorkerUnusable(RuntimeError):
+    """The worker's engines are in no known state; only a fresh process can serve again."""
+
+
+def end_actor_process(error: BaseException) -> None:
+    """Inside a Ray actor, end the process after a fatal error: Ray restarts the actor with fresh engines and
+    the trainable re-runs the trial (search/trainable.py). Outside one (a test, the driver) the error is raised."""
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        print(f"worker: fatal error, ending this process for Ray to restart it: {error!r}", file=sys.stderr, flush=True)
+        os._exit(70)
 
 
 class TrialWorker:
@@ -96,7 +112,7 @@ class TrialWorker:
                 self._stream(self._loaded)
             except Exception as error:  # the engines hold neither merge: this worker cannot go on
                 message = f"the engines' weights could not be restored after a failed swap: {error}"
-                raise RuntimeError(message) from error
+                raise WorkerUnusable(message) from error
             raise
         self._loaded = parsed
 
@@ -120,6 +136,10 @@ class TrialWorker:
                 max_tokens=evaluation.max_tokens,
                 ce_scorer=self.ce_scorer,
             )
+        except Exception as error:
+            if isinstance(error, WorkerUnusable) or fatal_engine_error(error):
+                end_actor_process(error)
+            raise
         finally:
             elapsed = time.perf_counter() - started
             self.evaluation_times.append((started_at, started_at + elapsed))
@@ -192,7 +212,11 @@ def worker_count(config: SearchConfig) -> int:
 def start_workers(config: SearchConfig) -> list:
     """One actor per worker, each with the CPUs and GPUs the config names."""
     workers = config.workers
-    actor = RemoteTrialWorker.options(num_cpus=workers.cpus, num_gpus=workers.gpus, max_concurrency=1)
+    # Restarted by Ray whenever its process dies (the trainable re-runs the interrupted trial); a call in flight
+    # is not retried by Ray, as only the trainable knows whether the fault was the worker's or the recipe's.
+    actor = RemoteTrialWorker.options(
+        num_cpus=workers.cpus, num_gpus=workers.gpus, max_concurrency=1, max_restarts=-1, max_task_retries=0
+    )
     handles = [actor.remote(config.model_dump(mode="json"), index) for index in range(worker_count(config))]
     ray.get([handle.num_layers.remote() for handle in handles])  # wait until every engine is up
     return handles

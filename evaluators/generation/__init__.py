@@ -16,7 +16,7 @@ from safemerge.evaluators.generation.protocol import (
     user_turns,
     validate_weights,
 )
-from safemerge.evaluators.generation.vllm_backend import VLLMGenerator
+from safemerge.evaluators.generation.vllm_backend import VLLMGenerator, fatal_engine_error
 
 __all__ = [
     "ChatTokenizer",
@@ -30,6 +30,7 @@ __all__ = [
     "WeightsError",
     "check_model_dir",
     "checkpoint_shapes",
+    "fatal_engine_error",
     "open_backend",
     "user_turns",
     "validate_weights",

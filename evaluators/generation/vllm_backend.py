@@ -15,6 +15,14 @@ from safemerge.evaluators.generation.protocol import (
 )
 
 
+def fatal_engine_error(error: BaseException) -> bool:
+    """Whether `error` leaves this process unable to generate again: vLLM's engine died, or the GPU failed (a
+    CUDA error poisons the process's context). The worker then ends its process, for Ray to start a fresh one."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, EngineDeadError) or "CUDA error" in str(error)
+
+
 class VLLMGenerator(TokenizedBackend):
     """One vLLM engine over a model folder, in this process; greedy decoding; weights swapped in place.
 

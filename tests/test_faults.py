@@ -1,0 +1,103 @@
+"""Faults injected for real into a running search: a worker's process SIGKILLed mid-trial, a worker's process
+stopped (SIGSTOP) so its evaluation hangs. Ray restarts the actor, the interrupted trial runs again within its own
+Tune trial, and the search ends with its whole budget COMPLETE and nothing FAILED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import psutil
+import pytest
+
+from tests.test_search import REPO, SAFEMERGE, search_overrides
+
+BUDGET = 3
+
+
+def titled(process: psutil.Process, title: str) -> bool:
+    try:
+        return title in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def evaluating_worker(driver: subprocess.Popen) -> psutil.Process | None:
+    """The driver's worker process while it runs a trial: Ray titles it `ray::TrialWorker.evaluate`, and so
+    are the children it forks (compile workers), so the one whose parent is not."""
+    title = "TrialWorker.evaluate"
+    for process in psutil.Process(driver.pid).children(recursive=True):
+        if titled(process, title) and not titled(process.parent(), title):
+            return process
+    return None
+
+
+def fault_mid_trial(tmp_path, zoo_dir, data_dir, name: str, fault: signal.Signals, *extra: str):
+    """Run a search of BUDGET trials, send `fault` to the worker once a trial is complete and the next one is being
+    evaluated, and return the finished driver's output and the study."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = search_overrides(tmp_path, name, BUDGET, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
+    driver = subprocess.Popen(
+        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        deadline, victim = time.time() + 600, None
+        while time.time() < deadline and driver.poll() is None and victim is None:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:  # the study does not exist yet
+                continue
+            if study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+                victim = evaluating_worker(driver)
+        assert victim is not None, "no trial was being evaluated after the first one completed"
+        victim.send_signal(fault)
+        output, _ = driver.communicate(timeout=900)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, output[-3000:]
+    return output, optuna.load_study(study_name=name, storage=storage), victim
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def assert_whole_budget_complete(study: optuna.Study, output: str) -> None:
+    last = [line for line in output.splitlines() if line.startswith(f"[{BUDGET}/{BUDGET}]")]
+    assert last and "failed 0" in last[0], output[-2000:]
+    states = [trial.state for trial in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * BUDGET, states
+    faults = [trial.user_attrs["metrics"]["worker_faults"] for trial in study.trials]
+    assert sorted(faults) == [0.0] * (BUDGET - 1) + [1.0], (faults, output[-3000:])  # one trial ran twice
+
+
+@pytest.mark.vllm
+def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_run_again(tmp_path, zoo_dir, data_dir):
+    output, study, victim = fault_mid_trial(tmp_path, zoo_dir, data_dir, "killed-worker", signal.SIGKILL)
+    assert gone(victim)
+    assert_whole_budget_complete(study, output)
+    assert "(re-run after 1 worker fault)" in output, output[-2000:]
+
+
+@pytest.mark.vllm
+def test_a_hung_worker_times_out_is_restarted_and_its_trial_run_again(tmp_path, zoo_dir, data_dir):
+    # A zoo trial of 10 prompts a set takes a few seconds here; 60 s is a hang.
+    output, study, victim = fault_mid_trial(
+        tmp_path, zoo_dir, data_dir, "hung-worker", signal.SIGSTOP, "--set", "evaluation.trial_timeout_s=60"
+    )
+    assert gone(victim)  # ended after the timeout, not left stopped
+    assert_whole_budget_complete(study, output)
+    assert "(re-run after 1 worker fault)" in output, output[-2000:]
