@@ -90,11 +90,15 @@ def prepare_inputs(config, log=print) -> None:
     from safemerge.search.plan import check_worker_memory
 
     models = config.models
-    references = [models.base, models.aligned, models.guard, *models.experts.values()]
-    if any(reference and reference.startswith("zoo:") for reference in references):
+    # Only the zoo models the search uses: the guard only when it is the judge.
+    references = [models.base, models.aligned, *models.experts.values()]
+    if config.evaluation.judge.startswith("guard"):
+        references.append(models.guard)
+    zoo_models = sorted({ref.removeprefix("zoo:") for ref in references if ref and ref.startswith("zoo:")})
+    if zoo_models:
         from safemerge.zoo.build import ensure_zoo
 
-        ensure_zoo(config.zoo_dir, seed=config.seed, log=log)
+        ensure_zoo(config.zoo_dir, seed=config.seed, log=log, models=zoo_models)
     check_worker_memory(config, log=log)
     ensure_datasets(config.data, config.seed, log=log)
 

@@ -147,13 +147,28 @@ def save_datasets(sets: dict[str, DatasetDict], out_dir: Path, manifest: dict, f
 
 
 def ensure_datasets(out_dir: Path, seed: int = 0, log=print) -> dict:
-    """Keep `out_dir` when it holds this seed's data from this generator version, else (re)write it there;
-    returns the manifest."""
+    """The data at `out_dir`, written by this generator only where nothing else is: a missing or empty folder, or
+    templated data of another seed or generator version is (re)written; data anything else made (the model-written
+    pipeline, `safemerge data import`, a person) is loaded as it is and never rewritten; a folder of other files is
+    refused. Returns the manifest."""
+    out_dir = Path(out_dir)
     sets = generate_datasets(seed)
     manifest = manifest_for(sets, seed)
-    if (Path(out_dir) / MANIFEST).is_file() and json.loads((Path(out_dir) / MANIFEST).read_text()) == manifest:
-        log(f"data at {out_dir} is up to date (seed {seed})")
-        return manifest
+    if (out_dir / MANIFEST).is_file():
+        existing = json.loads((out_dir / MANIFEST).read_text())
+        if existing == manifest:
+            log(f"data at {out_dir} is up to date (seed {seed})")
+            return manifest
+        if existing.get("generator") != manifest["generator"]:
+            load_datasets(out_dir)  # it must load; a broken folder is refused with its own error
+            writer = existing.get("generator", "an unknown generator")
+            log(f"data at {out_dir} was written by {writer!r}: used as it is")
+            return existing
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(
+            f"{out_dir} holds files but no {MANIFEST}: it is not a safemerge data folder, and safemerge does not "
+            "write over what it did not write; point `data:` at an empty or new folder, or move those files"
+        )
     save_datasets(sets, out_dir, manifest, force=True)
     return manifest
 

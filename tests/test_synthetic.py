@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from safemerge.errors import UserError
 from safemerge.evaluators import synthetic, templates
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_same_seed_same_data_other_seed_other_splits():
@@ -86,3 +89,63 @@ def test_loading_a_folder_that_is_not_data_names_the_fix(tmp_path):
 def test_seed_must_be_a_whole_number(seed):
     with pytest.raises(UserError, match="whole number"):
         synthetic.generate_datasets(seed)
+
+
+# Data the templated generator did not write is never rewritten, by `data generate --reuse` or by a Ray job.
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def model_written_folder(data_dir, out):
+    """A data folder as the model-written pipeline leaves it: its own manifest (generator 'pipeline')."""
+    sets, _ = synthetic.load_datasets(data_dir)
+    report = {"generator": "pipeline", "seed": 3, "counts": {n: {s: len(d[s]) for s in d} for n, d in sets.items()}}
+    synthetic.save_datasets(sets, out, report)
+    return out
+
+
+def test_data_another_generator_wrote_is_used_as_it_is_and_never_rewritten(data_dir, tmp_path):
+    folder = model_written_folder(data_dir, tmp_path / "model-written")
+    before = folder_bytes(folder)
+    manifest = synthetic.ensure_datasets(folder, seed=0, log=lambda line: None)
+    assert manifest["generator"] == "pipeline" and folder_bytes(folder) == before
+
+
+def test_a_folder_of_other_files_is_refused_and_left_alone(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not safemerge data")
+    with pytest.raises(UserError, match="does not write over what it did not write"):
+        synthetic.ensure_datasets(folder, seed=0)
+    assert folder_bytes(folder) == {"notes.txt": b"not safemerge data"}
+
+
+def test_templated_data_of_another_seed_is_rewritten(tmp_path):
+    folder = tmp_path / "templated"
+    sets = synthetic.generate_datasets(1)
+    synthetic.save_datasets(sets, folder, synthetic.manifest_for(sets, 1))
+    assert synthetic.ensure_datasets(folder, seed=0, log=lambda line: None)["seed"] == 0
+    assert json.loads((folder / synthetic.MANIFEST).read_text())["seed"] == 0
+
+
+def test_the_ray_jobs_inputs_keep_model_written_data_and_build_only_the_named_zoo_models(
+    data_dir, zoo_dir, tmp_path, monkeypatch
+):
+    from safemerge.cluster import job
+    from safemerge.search.config import load_config
+    from safemerge.zoo import build
+
+    folder = model_written_folder(data_dir, tmp_path / "model-written")
+    before = folder_bytes(folder)
+    config = load_config(REPO / "configs/zoo.yaml", {"data": str(folder), "zoo_dir": str(zoo_dir)})
+    asked = []  # which zoo models the job asks for (the real build still runs, and finds them up to date)
+    real = build.ensure_zoo
+    monkeypatch.setattr(build, "ensure_zoo", lambda *a, **k: asked.append(k["models"]) or real(*a, **k))
+    job.prepare_inputs(config, log=lambda line: None)
+    assert folder_bytes(folder) == before
+    used = {config.models.base, config.models.aligned, *config.models.experts.values()}
+    if config.evaluation.judge.startswith("guard"):
+        used.add(config.models.guard)
+    assert asked == [sorted(ref.removeprefix("zoo:") for ref in used)]
