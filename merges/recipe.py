@@ -4,6 +4,7 @@ import and export."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -107,9 +108,13 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
                     f"{source}: parameter {name!r} of {method.name} is shared by all models; move it from model "
                     f"{entry.model!r} to the top-level parameters"
                 )
-    for scope in [recipe.parameters, *(entry.parameters for entry in recipe.models)]:
+    scopes = [("parameters", recipe.parameters), *((f"model {e.model!r}", e.parameters) for e in recipe.models)]
+    for where, scope in scopes:
         for name, setting in scope.items():
-            _check_leaves(setting, known[name])
+            try:
+                _check_leaves(setting, known[name])
+            except UserError as error:
+                raise UserError(f"{source}: {where}: {error}") from None
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
@@ -159,8 +164,8 @@ def _check_leaves(setting: Any, param: Param) -> None:
     elif isinstance(setting, list):
         for item in setting:
             _check_leaves(item, param)
-    else:
-        _coerce(setting, param)
+    elif param.kind is not bool and not math.isfinite(_coerce(setting, param)):
+        raise UserError(f"parameter {param.name!r} is {setting}; use a finite number")
 
 
 def evaluate_setting(setting: Any, tensor_name: str, position: float, param: Param) -> Any:

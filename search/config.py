@@ -21,7 +21,7 @@ CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+]?\d*\.?\d+)\s*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or Inf in a config is refused at parse
 
 
 class ModelsConfig(_Strict):

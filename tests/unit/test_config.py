@@ -77,6 +77,8 @@ def test_load_config_errors_name_the_file(tmp_path):
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
         ({"evaluaton.limit": 5}, "evaluaton: Extra inputs are not permitted"),
         ({"sampler": "annealing"}, "sampler: Input should be 'nsga2'"),
+        ({"evaluation.alpha": float("nan")}, "evaluation.alpha: Input should be a finite number"),
+        ({"workers.gpu_memory_gib": float("inf")}, "workers.gpu_memory_gib: Input should be a finite number"),
     ],
 )
 def test_a_bad_config_is_one_error_naming_the_field(overrides, message):

@@ -172,6 +172,20 @@ def test_a_bad_recipe_is_one_error_naming_what_to_fix(change, message):
     parse_recipe(BAD_RECIPE_BASE, source="my.yaml")  # without the change the recipe is fine
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["weight", "filtered", "gradient", "shared"])
+def test_nan_and_inf_are_refused_at_parse_naming_the_parameter(value, where):
+    data = {**BAD_RECIPE_BASE, "models": [{"model": "aligned", "parameters": {"weight": 1.0}}]}
+    if where == "shared":
+        data["parameters"] = {"lambda": value}
+    else:
+        setting = {"weight": value, "filtered": [{"filter": "mlp", "value": value}], "gradient": [0.5, value]}[where]
+        data["models"] = [{"model": "aligned", "parameters": {"weight": setting}}]
+    name, scope = ("lambda", "parameters") if where == "shared" else ("weight", "model 'aligned'")
+    with pytest.raises(UserError, match=f"^my.yaml: {scope}: parameter '{name}' is {value}; use a finite number$"):
+        parse_recipe(data, source="my.yaml")
+
+
 def test_a_value_of_the_wrong_type_is_refused_even_where_a_filter_shadows_it():
     for weight in ("heavy", [0.5, "heavy"], [{"filter": "mlp", "value": 1.0}, {"value": "heavy"}], True):
         data = {**BAD_RECIPE_BASE, "models": [{"model": "aligned", "parameters": {"weight": weight}}]}
