@@ -158,6 +158,12 @@ class SearchConfig(_Strict):
     )
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     max_failures: int = Field(1, ge=0, description="retries of a failed trial before it is recorded as failed")
+    lease_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a driver's lease on its search goes stale this long after its last heartbeat (it died); "
+        "only then may another driver resume the search",
+    )
     storage: str = "sqlite:///artifacts/optuna.db"
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

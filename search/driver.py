@@ -109,7 +109,8 @@ def open_study(
 
 def requeue_interrupted(study_name: str, storage: optuna.storages.BaseStorage) -> int:
     """Trials left RUNNING by a killed driver go back to WAITING with their parameters: the next ask()
-    picks them up, so they run again under their own number instead of being lost or duplicated."""
+    picks them up, so they run again under their own number instead of being lost or duplicated. Called by the
+    driver that holds the search's lease (search/lease.py), which it took from no driver or a dead one only."""
     study_id = storage.get_study_id_from_name(study_name)
     stale = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
@@ -126,6 +127,14 @@ def finished_count(study: optuna.Study) -> int:
 def ensure_storage_folder(storage: str) -> None:
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def open_storage(config: SearchConfig) -> optuna.storages.RDBStorage:
+    """The search's Optuna storage, with its study created if it is new."""
+    ensure_storage_folder(config.storage)
+    storage = optuna.storages.RDBStorage(config.storage)
+    open_study(config, storage)
+    return storage
 
 
 @contextlib.contextmanager
@@ -158,11 +167,10 @@ def worker_pool(config: SearchConfig) -> Iterator[list]:
 def prepare_search(config: SearchConfig, log: Callable[[str], None] = print) -> tuple[optuna.Study, int]:
     """Record the config beside the results, open the study, requeue interrupted trials; returns the study
     and how many trials are left to run."""
-    ensure_storage_folder(config.storage)
     search_dir = search_folder(config)
     search_dir.mkdir(parents=True, exist_ok=True)
     (search_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    storage = optuna.storages.RDBStorage(config.storage)
+    storage = open_storage(config)
     study = open_study(config, storage)
     requeued = requeue_interrupted(config.name, storage)
     done = finished_count(study)

@@ -16,7 +16,8 @@ from mlflow.entities import Metric
 from safemerge.errors import UserError
 from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
 from safemerge.search.config import SearchConfig
-from safemerge.search.driver import front_of, run_search, search_folder, study_points, worker_pool
+from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
+from safemerge.search.lease import DriverLease
 from safemerge.search.pareto import hypervolume_history
 from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots, scratch_folder
 
@@ -26,20 +27,24 @@ SUMMARY = "pareto.json"
 def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: bool = True) -> dict:
     """Run (or resume) the search to its budget, then finalize it; returns the summary written to pareto.json."""
     started = time.perf_counter()
-    tracker = Tracker(config)
-    log(f"MLflow parent run: {tracker.run_url}")
-    try:
-        with worker_pool(config) as workers:
-            study = run_search(config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)
-            if finalize:
-                summary = finalize_search(config, study, workers, tracker, log)
-            else:
-                tracker.sync_trials(study)
-                summary = {}
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
-    tracker.finish()
+    # One driver per search: refused here, before MLflow, Ray or any file, while another driver's lease is fresh.
+    with DriverLease(config.name, open_storage(config), config.lease_timeout_s) as lease:
+        if lease.took_stale:
+            log(f"{config.name}: the driver that held this search (pid {lease.took_stale.get('pid')}) is gone")
+        tracker = Tracker(config)
+        log(f"MLflow parent run: {tracker.run_url}")
+        try:
+            with worker_pool(config) as workers:
+                study = run_search(config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)
+                if finalize:
+                    summary = finalize_search(config, study, workers, tracker, log)
+                else:
+                    tracker.sync_trials(study)
+                    summary = {}
+        except BaseException:
+            tracker.finish("KILLED")
+            raise
+        tracker.finish()
     summary["seconds"] = round(time.perf_counter() - started, 1)
     log(f"{config.name}: done in {summary['seconds']} s")
     return summary

@@ -241,19 +241,17 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
 
 
 @pytest.mark.vllm
-def test_killed_driver_resumes_to_exactly_the_budget(tmp_path, zoo_dir, data_dir):
-    name, budget = "resumed", 6
+def test_a_second_driver_refuses_and_a_killed_one_resumes_to_exactly_the_budget(tmp_path, zoo_dir, data_dir):
+    name, budget, lease_s = "resumed", 12, 10
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = search_overrides(tmp_path, name, budget, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
+    args += ["--set", f"lease_timeout_s={lease_s}"]
+    command = [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args]
     driver = subprocess.Popen(
-        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        start_new_session=True,
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True
     )
     deadline = time.time() + 600
-    completed = 0
+    completed, second = 0, None
     while time.time() < deadline and driver.poll() is None:
         time.sleep(1)
         try:
@@ -261,13 +259,29 @@ def test_killed_driver_resumes_to_exactly_the_budget(tmp_path, zoo_dir, data_dir
             completed = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
         except KeyError:  # the study does not exist yet
             continue
-        if completed >= 2:
+        if completed >= 1 and second is None:  # the first driver is searching: a second one on the same name
+            second = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        if second is not None and completed >= 2:
             break
     assert driver.poll() is None, "the driver finished before it could be killed"
+    assert second is not None and second.returncode == 2, (second.returncode, second.stderr[-2000:])
+    errors = [line for line in second.stderr.splitlines() if line.startswith("safemerge: error:")]
+    assert len(errors) == 1 and "is being run by another driver" in errors[0], second.stderr[-2000:]
     os.killpg(driver.pid, signal.SIGKILL)
+    killed_at = time.time()
     driver.wait()
     assert 2 <= completed < budget
 
+    early = subprocess.run(  # the dead driver's lease is still fresh: resume refuses rather than race it
+        [SAFEMERGE, "search", "resume", name, "--results-dir", str(tmp_path / "searches")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    if time.time() - killed_at < lease_s - 2:  # (a slow start can let the lease go stale first)
+        assert early.returncode == 2 and "resume the search once its lease is stale" in early.stderr, early.stderr
+    time.sleep(max(0.0, lease_s + 1 - (time.time() - killed_at)))
     resumed = subprocess.run(
         [SAFEMERGE, "search", "resume", name, "--results-dir", str(tmp_path / "searches")],
         capture_output=True,
