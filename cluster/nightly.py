@@ -70,17 +70,27 @@ def content_hash(folder: Path, cache: dict) -> str:
     return digest.hexdigest()
 
 
-def scan_releases(source: str, cache: dict) -> list[Release]:
-    """Every release the source offers, oldest first (folders by modification time)."""
+def scan_releases(source: str, cache: dict, log: Callable[[str], None] = print) -> list[Release]:
+    """Every release the source offers, oldest first (folders by modification time). A folder that is a link to
+    somewhere outside the releases folder is skipped with a line: a search must read only what landed there."""
     if source.startswith("hf:"):
         return [_hub_release(source[len("hf:") :])]
     folder = Path(source)
     if not folder.is_dir():
         raise UserError(f"--releases {source} is not a folder; pass the folder your expert releases land in")
-    candidates = sorted(
-        (child for child in folder.iterdir() if child.is_dir() and not child.name.startswith(".")),
-        key=lambda child: (child.stat().st_mtime, child.name),
-    )
+    root = folder.resolve()
+    candidates = []
+    for child in folder.iterdir():
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        if not child.resolve().is_relative_to(root):
+            log(
+                f"nightly: {child.name} links to {child.resolve()}, outside {root}: skipped; copy or move the release "
+                "into the releases folder"
+            )
+            continue
+        candidates.append(child)
+    candidates.sort(key=lambda child: (child.stat().st_mtime, child.name))
     return [Release(child.name, str(child.resolve()), content_hash(child, cache)) for child in candidates]
 
 
@@ -163,7 +173,7 @@ def run_nightly(
             state = _read_state(state_path)
             state_before_cache = state.get("hash_cache", {})
             cache = dict(state_before_cache)
-            found = scan_releases(releases, cache)
+            found = scan_releases(releases, cache, log)
             configs = {release.release_id: search_config_for(template, release, domain) for release in found}
             state["hash_cache"] = cache
             for release in found:

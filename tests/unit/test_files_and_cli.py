@@ -206,3 +206,19 @@ def test_a_bad_set_through_the_cli_is_one_line_and_exit_code_2(tmp_path, capsys)
     assert len(err.strip().splitlines()) == 1
     assert main(["search", "run", str(path), "--set", "trials=0"]) == 2
     assert "trials: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_a_release_folder_linking_outside_the_releases_folder_is_skipped(tmp_path):
+    from safemerge.cluster.nightly import scan_releases
+
+    releases, elsewhere = tmp_path / "releases", tmp_path / "elsewhere"
+    for folder in (releases / "medical-1", elsewhere / "secret-model"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights of " + folder.name.encode())
+    (releases / "medical-2").symlink_to(elsewhere / "secret-model")
+    (releases / "medical-3").symlink_to(releases / "medical-1")  # a link inside the folder is a release
+    lines = []
+    found = scan_releases(str(releases), {}, log=lines.append)
+    assert sorted(release.name for release in found) == ["medical-1", "medical-3"]
+    assert len(lines) == 1 and "medical-2 links to" in lines[0] and "skipped" in lines[0]
