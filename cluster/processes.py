@@ -6,6 +6,7 @@ raylet, dashboard and workers; MLflow's uvicorn workers) and nothing else on the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -91,7 +92,20 @@ def mlflow_server_command(host: str, port: int, backend_store_uri: str, artifact
         backend_store_uri,
         "--artifacts-destination",
         str(artifacts_dir),
+        # Bound to loopback, it answers loopback names only (MLflow's default also takes private IPs): a web page
+        # that rebinds its own name to 127.0.0.1 cannot reach it.
+        *(["--allowed-hosts", LOOPBACK_HOSTS] if is_loopback(host) else []),
     ]
+
+
+LOOPBACK_HOSTS = "localhost,localhost:*,127.0.0.1,127.0.0.1:*,[::1],[::1]:*"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _session_members(root_pid: int) -> list[psutil.Process]:

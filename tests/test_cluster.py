@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -109,6 +111,18 @@ def small_search(tmp_path: Path, zoo_dir: Path, data_dir: Path, name: str) -> di
 
 
 @pytest.mark.vllm
+def mlflow_answers(port: int, host: str) -> int:
+    """The HTTP status of an MLflow API call sent to 127.0.0.1:port with the Host header `host:port`."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": f"{host}:{port}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def test_cluster_up_status_down_leaves_nothing_running(tmp_path):
     ports = cluster_ports()
     started = cluster_up(tmp_path, ports)
@@ -120,6 +134,12 @@ def test_cluster_up_status_down_leaves_nothing_running(tmp_path):
     assert all(port_in_use("127.0.0.1", port) for port in (ports["dashboard"], ports["mlflow"]))
     assert len(session_processes(tmp_path)) >= 4  # gcs, raylet, dashboard, mlflow's server and worker
     state = json.loads((tmp_path / "cluster.json").read_text())
+    # The MLflow server answers loopback names only: not a private IP, nor a rebound public name.
+    assert {host: mlflow_answers(ports["mlflow"], host) for host in ("localhost", "10.1.2.3", "evil.example")} == {
+        "localhost": 200,
+        "10.1.2.3": 403,
+        "evil.example": 403,
+    }
 
     # A second `up` on the same state refuses instead of starting a second head.
     again = cluster_up(tmp_path, ports)
