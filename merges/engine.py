@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from safemerge.merges.methods import (
     chunked_dot,
     chunked_l1,
 )
-from safemerge.merges.methods.inputs import chunk_gram_along
+from safemerge.merges.methods.inputs import chunk_gram_along, cpu_pool
 from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
 from safemerge.merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
 
@@ -542,7 +541,6 @@ def unpack_mask(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 RANDOM_CHUNK = 1 << 20
-_random_threads = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
 
 
 def _seed(key: str) -> int:
@@ -567,7 +565,7 @@ def _in_blocks(start: int, size: int, fill: Callable[[int, int, int], None]) -> 
     if len(pieces) == 1:
         fill(*pieces[0])
     else:
-        list(_random_threads.map(lambda piece: fill(*piece), pieces))
+        list(cpu_pool.map(lambda piece: fill(*piece), pieces))
 
 
 def fill_uniform(buffer: torch.Tensor, key: str, start: int = 0) -> torch.Tensor:

@@ -129,12 +129,11 @@ def ensure_storage_folder(storage: str) -> None:
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
 
 
-def open_storage(config: SearchConfig) -> optuna.storages.RDBStorage:
-    """The search's Optuna storage, with its study created if it is new."""
+def open_storage(config: SearchConfig) -> tuple[optuna.storages.RDBStorage, optuna.Study]:
+    """The search's Optuna storage and its study, created if it is new."""
     ensure_storage_folder(config.storage)
     storage = optuna.storages.RDBStorage(config.storage)
-    open_study(config, storage)
-    return storage
+    return storage, open_study(config, storage)
 
 
 @contextlib.contextmanager
@@ -170,8 +169,7 @@ def prepare_search(config: SearchConfig, log: Callable[[str], None] = print) -> 
     search_dir = search_folder(config)
     search_dir.mkdir(parents=True, exist_ok=True)
     (search_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    storage = open_storage(config)
-    study = open_study(config, storage)
+    storage, study = open_storage(config)
     requeued = requeue_interrupted(config.name, storage)
     done = finished_count(study)
     if requeued or done:

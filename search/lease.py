@@ -22,14 +22,14 @@ import optuna
 from safemerge.errors import UserError
 
 LEASE_ATTR = "safemerge.driver_lease"
-DEFAULT_TIMEOUT_S = 120.0  # a heartbeat every 1/4 of it: a lease goes stale 2 minutes after its driver died
 SETTLE_S = 1.0  # two drivers that took a stale lease at once: the later write wins, the other sees it and leaves
 
 
 class DriverLease:
     """The lease of search `study_name` in `storage`, held for as long as the `with` block runs."""
 
-    def __init__(self, study_name: str, storage: optuna.storages.BaseStorage, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, study_name: str, storage: optuna.storages.BaseStorage, timeout_s: float):
+        """`timeout_s`: the config's lease_timeout_s; the holder renews the lease every quarter of it."""
         self.study_name, self.storage, self.timeout_s = study_name, storage, timeout_s
         self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()

@@ -28,7 +28,8 @@ def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: 
     """Run (or resume) the search to its budget, then finalize it; returns the summary written to pareto.json."""
     started = time.perf_counter()
     # One driver per search: refused here, before MLflow, Ray or any file, while another driver's lease is fresh.
-    with DriverLease(config.name, open_storage(config), config.lease_timeout_s) as lease:
+    storage, _ = open_storage(config)
+    with DriverLease(config.name, storage, config.lease_timeout_s) as lease:
         if lease.took_stale:
             log(f"{config.name}: the driver that held this search (pid {lease.took_stale.get('pid')}) is gone")
         tracker = Tracker(config)

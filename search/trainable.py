@@ -38,7 +38,7 @@ def wait_until_up(worker, limit_s: float) -> bool:
 
 
 def run_trial(
-    trial_config: dict, workers: list, free_workers: Queue, timeout_s: float | None = None, fault_retries: int = 3
+    trial_config: dict, workers: list, free_workers: Queue, *, timeout_s: float | None, fault_retries: int
 ) -> None:
     """Borrow a free worker, evaluate the recipe there (again on a fault), report a flat dict of metrics."""
     faults: list[str] = []

@@ -4,12 +4,18 @@ vectors (TensorInputs), their linear combination, and the chunked reductions tha
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from safemerge.merges.methods.selection import TopCut
+
+# One pool, a thread per torch CPU thread, for the numpy work of the merge (random draws, della's row sorts):
+# numpy releases the GIL in both.
+CPU_THREADS = max(1, torch.get_num_threads())
+cpu_pool = ThreadPoolExecutor(max_workers=CPU_THREADS)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,13 @@ ranks are computed per chunk: nothing per element is kept between merges."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import torch
 
-from safemerge.merges.methods.inputs import TensorInputs
+from safemerge.merges.methods.inputs import CPU_THREADS, TensorInputs, cpu_pool
 
 # Each sparsifier returns the masked task vector in a scratch buffer. It is called only for density < 1: at
 # density 1 nothing is dropped and the caller keeps the task vector itself.
@@ -78,7 +77,7 @@ def _della(
     return inputs.random_mask(model, draw, inputs.scratch(buffer)).mul_(task_vector)
 
 
-def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """della's magnitude rank of each element within its row, scaled to [0, 1], computed per chunk (a chunk holds
     whole rows) rather than kept: a table of ranks would cost more memory than the model.
 
@@ -89,8 +88,7 @@ def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor, keys: torch.Tensor 
     rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector
     columns = rows.shape[1]
     ranks = torch.abs(rows, out=out.view(rows.shape))
-    bits = ranks.view(torch.int32)
-    keys = bits.to(torch.int64) if keys is None else keys.view(rows.shape).copy_(bits)  # 2 fp32 buffers' worth
+    keys = keys.view(rows.shape).copy_(ranks.view(torch.int32))  # int64: 2 fp32 buffers' worth
     keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(columns, dtype=torch.int64, device=rows.device))
     if keys.device.type == "cpu":
         _sort_rows(keys.numpy())
@@ -102,17 +100,13 @@ def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor, keys: torch.Tensor 
     return out.div_(max(columns - 1, 1))
 
 
-_SORT_THREADS = max(1, torch.get_num_threads())
-_sort_pool = ThreadPoolExecutor(max_workers=_SORT_THREADS)
-
-
 def _sort_rows(keys: np.ndarray) -> None:
     """Sort each row of `keys` in place, blocks of rows on several threads (numpy's sort releases the GIL)."""
-    step = -(-keys.shape[0] // _SORT_THREADS)
+    step = -(-keys.shape[0] // CPU_THREADS)
     if step >= keys.shape[0]:
         keys.sort(axis=1)
         return
-    list(_sort_pool.map(lambda first: keys[first : first + step].sort(axis=1), range(0, keys.shape[0], step)))
+    list(cpu_pool.map(lambda first: keys[first : first + step].sort(axis=1), range(0, keys.shape[0], step)))
 
 
 SPARSIFIERS: dict[Sparsification, Callable[..., torch.Tensor]] = {

@@ -61,7 +61,7 @@ def test_della_ranks_each_row_by_magnitude_with_ties_by_column(shape, levels):
     rows = values.reshape(1, -1) if values.dim() < 2 else values
     # The reference: a stable sort by magnitude (ties to the lower column), inverted.
     expected = torch.sort(rows.abs(), dim=1, stable=True).indices.argsort(dim=1).float() / max(rows.shape[1] - 1, 1)
-    ranks = _rank_norm(values, torch.empty(values.numel()))
+    ranks = _rank_norm(values, torch.empty(values.numel()), torch.empty(values.numel(), dtype=torch.int64))
     assert torch.equal(ranks.view(rows.shape), expected)
 
 
