@@ -25,7 +25,7 @@ from safemerge.errors import UserError
 from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.samplers import make_sampler
-from safemerge.search.searcher import StudySearcher
+from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
 from safemerge.search.trainable import run_trial
 from safemerge.search.trial import trial_metric_names
@@ -56,8 +56,10 @@ def study_points(study: optuna.Study) -> list[Point]:
     return points
 
 
-class Progress(tune.Callback):
+class Progress(DriverSide, tune.Callback):
     """One line per finished trial: done/total, failures, current hypervolume; `on_finished` hooks in."""
+
+    driver_only = ("config", "study", "on_finished", "log")
 
     def __init__(
         self,

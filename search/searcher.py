@@ -19,9 +19,24 @@ from ray.tune.search import Searcher
 from safemerge.search.config import ObjectivesConfig
 
 
-class StudySearcher(Searcher):
+class DriverSide:
+    """A Tune searcher or callback that lives in the driver only. Tune pickles both into its experiment state
+    (`tuner.pkl`), which a resume here never reads (the study is the record): the attributes named in
+    `driver_only` (the study, with its sampler and storage connection, and callables that reach the tracker) stay
+    out of it. Some samplers cannot be pickled at all (Optuna 5.1's genetic samplers hold a lock), and a storage
+    or MLflow URL is no business of a file on disk."""
+
+    driver_only: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: None if key in self.driver_only else value for key, value in self.__dict__.items()}
+
+
+class StudySearcher(DriverSide, Searcher):
     """Proposes trials from `study` with `space` (a function of an Optuna trial returning Tune's trial config),
     and tells the study what each trial scored; `metric_names` are the metrics kept on each trial."""
+
+    driver_only = ("study", "space", "running")
 
     def __init__(
         self,
