@@ -6,6 +6,7 @@ Bad input ends with one line on stderr that names the input and the fix, and exi
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Progress lines of long work reach a pipe (tee, a job's log, a test) as they happen, not at exit.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         args.handler(args)
     except UserError as error:

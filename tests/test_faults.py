@@ -4,7 +4,6 @@ Tune trial, and the search ends with its whole budget COMPLETE and nothing FAILE
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -13,6 +12,7 @@ import optuna
 import psutil
 import pytest
 
+from tests.driving import SearchDriver
 from tests.test_search import REPO, SAFEMERGE, search_overrides
 
 BUDGET = 3
@@ -40,32 +40,23 @@ def fault_mid_trial(tmp_path, zoo_dir, data_dir, name: str, fault: signal.Signal
     evaluated, and return the finished driver's output and the study."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = search_overrides(tmp_path, name, BUDGET, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
-    driver = subprocess.Popen(
-        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
+    # 40 prompts a set: a trial evaluates for several seconds, a window the polling below cannot miss.
+    args += ["--set", "evaluation.limit=40"]
+    driver = SearchDriver([SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args, *extra], tmp_path)
     try:
-        deadline, victim = time.time() + 600, None
-        while time.time() < deadline and driver.poll() is None and victim is None:
-            time.sleep(0.5)
-            try:
-                study = optuna.load_study(study_name=name, storage=storage)
-            except KeyError:  # the study does not exist yet
-                continue
-            if study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-                victim = evaluating_worker(driver)
-        assert victim is not None, "no trial was being evaluated after the first one completed"
+        # The progress line "[1/BUDGET] ..." comes once the first trial is complete.
+        victim, started = None, driver.wait_for_line("[1/")
+        deadline = time.time() + 300
+        while started and victim is None and driver.running() and time.time() < deadline:
+            victim = evaluating_worker(driver.process)
+            time.sleep(0.05)
+        assert victim is not None, "no trial was being evaluated after the first one completed:\n" + driver.output
         victim.send_signal(fault)
-        output, _ = driver.communicate(timeout=900)
+        returncode = driver.finish()
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == 0, output[-3000:]
-    return output, optuna.load_study(study_name=name, storage=storage), victim
+        driver.kill()
+    assert returncode == 0, driver.output[-3000:]
+    return driver.output, optuna.load_study(study_name=name, storage=storage), victim
 
 
 def gone(process: psutil.Process) -> bool:
@@ -94,7 +85,7 @@ def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_run_again(tmp_path
 
 @pytest.mark.vllm
 def test_a_hung_worker_times_out_is_restarted_and_its_trial_run_again(tmp_path, zoo_dir, data_dir):
-    # A zoo trial of 10 prompts a set takes a few seconds here; 60 s is a hang.
+    # A zoo trial of 40 prompts a set takes several seconds here; 60 s is a hang.
     output, study, victim = fault_mid_trial(
         tmp_path, zoo_dir, data_dir, "hung-worker", signal.SIGSTOP, "--set", "evaluation.trial_timeout_s=60"
     )
