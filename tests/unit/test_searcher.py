@@ -165,3 +165,27 @@ def test_a_single_model_recipe_is_a_valid_linear_recipe_of_that_model_alone():
     recipe = parse_recipe(single_model_recipe("aligned"))
     assert recipe.merge_method == "linear"
     assert [(entry.model, entry.parameters) for entry in recipe.models] == [("aligned", {"weight": 1.0})]
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "random"])
+def test_the_searcher_and_progress_pickle_without_their_study(sampler, tmp_path):
+    """Tune writes both into tuner.pkl: the study (whose sampler may hold a lock) and callables stay behind."""
+    from ray import cloudpickle
+
+    from safemerge.search.driver import Progress
+    from safemerge.search.samplers import make_sampler
+
+    config = make_config(sampler=sampler, storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(
+        study_name="pickled",
+        storage=config.storage,
+        directions=config.objectives.directions(),
+        sampler=make_sampler(config, trials_so_far=0),
+    )
+    searcher = StudySearcher(study, DefineByRun(config, num_layers=4), config.objectives, trial_metric_names(config))
+    searcher.suggest("tune-1")
+    progress = Progress(config, study, 0, lambda: None, print)
+    for thing in (searcher, progress):
+        dumped = cloudpickle.dumps(thing)
+        assert cloudpickle.loads(dumped).study is None
+        assert str(tmp_path).encode() not in dumped  # nor the storage URL
