@@ -63,15 +63,20 @@ def atomic_output_dir(out_dir: Path, force: bool = False) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, data: object, keep_backup: bool = False, sort_keys: bool = False) -> None:
-    """Write `data` as JSON to `path` so that a reader sees the old content or the new, never a part: written
-    beside it, synced, then renamed over it. `keep_backup` copies the previous content to PATH.bak first (the
+    """Write `data` as JSON to `path` with `write_text_atomic`."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", keep_backup)
+
+
+def write_text_atomic(path: Path, text: str, keep_backup: bool = False) -> None:
+    """Write `text` to `path` so that a reader sees the old content or the new, never a part: written beside it,
+    synced, then renamed over it in one step. `keep_backup` copies the previous content to PATH.bak first (the
     file itself is never absent)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w") as file:
-            file.write(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
         if keep_backup and path.is_file():

@@ -1,4 +1,4 @@
-"""The `safemerge search run | plan | compare | resume` and `safemerge pareto` sub-commands, and the options that
+"""The `safemerge search run | plan | compare | resume | sync` and `safemerge pareto` sub-commands, and the options that
 override a search config's fields (shared with the Ray job entrypoint)."""
 
 from __future__ import annotations
@@ -91,10 +91,17 @@ def _cmd_search_resume(args: argparse.Namespace) -> None:
     from safemerge.search.plan import check_worker_memory
     from safemerge.search.run import execute, format_front
 
-    config = load_search_config(args.name, args.results_dir)
+    config = load_search_config(args.name, args.results_dir, {} if args.trials is None else {"trials": args.trials})
     check_worker_memory(config)
     summary = execute(config)
     print(format_front(summary))
+
+
+def _cmd_search_sync(args: argparse.Namespace) -> None:
+    from safemerge.search.driver import load_search_config
+    from safemerge.search.run import sync
+
+    sync(load_search_config(args.name, args.results_dir))
 
 
 def _cmd_search_compare(args: argparse.Namespace) -> None:
@@ -175,8 +182,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Continue a search whose driver stopped: finished trials are kept, interrupted ones re-run.",
     )
     resume.add_argument("name", help="the search name")
+    resume.add_argument("--trials", type=whole_number, help="raise the trial budget (default: the search's own)")
     resume.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
     resume.set_defaults(handler=_cmd_search_resume)
+    sync = search_commands.add_parser(
+        "sync",
+        help="mirror a search to MLflow: every finished trial, and the finalized front's registry versions",
+        description="The Optuna study is a search's record and MLflow its mirror. When MLflow did not answer during "
+        "a search (it goes on without it), this logs what MLflow lacks: a child run per finished trial (a run cut "
+        "off mid-logging is logged again), the front's tags, test metrics and artifacts, and a registry version per "
+        "front entry. Running it again adds nothing. Resume and finalize do the same on their own.",
+    )
+    sync.add_argument("name", help="the search name")
+    sync.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
+    sync.set_defaults(handler=_cmd_search_sync)
 
     pareto = commands.add_parser(
         "pareto",

@@ -22,6 +22,7 @@ from ray import tune
 from ray.util.queue import Queue
 
 from safemerge.errors import UserError
+from safemerge.files import write_text_atomic
 from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.samplers import make_sampler
@@ -170,7 +171,7 @@ def prepare_search(config: SearchConfig, log: Callable[[str], None] = print) -> 
     and how many trials are left to run."""
     search_dir = search_folder(config)
     search_dir.mkdir(parents=True, exist_ok=True)
-    (search_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(search_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     storage, study = open_storage(config)
     requeued = requeue_interrupted(config.name, storage)
     done = finished_count(study)
@@ -243,11 +244,13 @@ def run_search(
     return optuna.load_study(study_name=config.name, storage=config.storage)
 
 
-def load_search_config(name: str, results_dir: Path = Path("artifacts/searches")) -> SearchConfig:
+def load_search_config(
+    name: str, results_dir: Path = Path("artifacts/searches"), overrides: dict | None = None
+) -> SearchConfig:
     path = Path(results_dir) / name / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no search named {name!r} under {results_dir}; start one with `safemerge search run CONFIG`")
-    return load_config(path)
+    return load_config(path, overrides)
 
 
 def front_of(study: optuna.Study, config: SearchConfig) -> list[Point]:

@@ -4,24 +4,24 @@ materialize each Pareto merge, export it as mergekit YAML, register it in MLflow
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import ray
-from mlflow.entities import Metric
 
 from safemerge.errors import UserError
+from safemerge.files import atomic_output_dir, write_json_atomic
 from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
 from safemerge.search.config import SearchConfig
 from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
 from safemerge.search.lease import DriverLease
 from safemerge.search.pareto import hypervolume_history
-from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots, scratch_folder
+from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots
 
 SUMMARY = "pareto.json"
+ARTIFACTS = "mlflow-artifacts"  # the parent run's artifacts, kept until MLflow has them
 
 
 def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: bool = True) -> dict:
@@ -32,7 +32,7 @@ def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: 
     with DriverLease(config.name, storage, config.lease_timeout_s) as lease:
         if lease.took_stale:
             log(f"{config.name}: the driver that held this search (pid {lease.took_stale.get('pid')}) is gone")
-        tracker = Tracker(config)
+        tracker = Tracker(config, log)
         log(f"MLflow parent run: {tracker.run_url}")
         try:
             with worker_pool(config) as workers:
@@ -54,16 +54,17 @@ def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: 
 def finalize_search(
     config: SearchConfig, study: optuna.Study, workers: list, tracker: Tracker, log: Callable[[str], None] = print
 ) -> dict:
-    tracker.sync_trials(study)
+    """Test the feasible Pareto front, save its merges, write pareto.json and the MLflow artifacts folder, then
+    mirror it all to MLflow. Idempotent: a front entry already tested and saved by an earlier finalize (same
+    recipe, folder still there) is reused, and the mirror adds nothing MLflow already has."""
     points = study_points(study)
     front = front_of(study, config)
-    tracker.mark_pareto(front)
     failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     log(f"{config.name}: {len(points)} trials completed, {failed} failed, {len(front)} on the feasible Pareto front")
     folder = search_folder(config)
-    artifacts = scratch_folder()
-    try:
-        history = hypervolume_history(points, config.objectives)
+    history = hypervolume_history(points, config.objectives)
+    recipes = {p.number: study.trials[p.number].user_attrs["recipe"] for p in front}
+    with atomic_output_dir(folder / ARTIFACTS, force=True) as artifacts:
         (artifacts / "hypervolume.json").write_text(
             json.dumps(
                 [
@@ -73,7 +74,6 @@ def finalize_search(
                 indent=2,
             )
         )
-        recipes = {p.number: study.trials[p.number].user_attrs["recipe"] for p in front}
         pareto_plots(
             points,
             front,
@@ -83,48 +83,48 @@ def finalize_search(
         )
         table, similarity_metrics = ray.get(workers[0].similarity.remote(config.layer_groups))
         (artifacts / "similarity.txt").write_text(table + "\n")
-        now = int(time.time() * 1000)
-        tracker.client.log_batch(
-            tracker.parent_id, metrics=[Metric(k, v, now, 0) for k, v in similarity_metrics.items()]
-        )
         model_paths = ray.get(workers[0].model_paths.remote())
         (artifacts / "recipes").mkdir()
         for number, recipe in recipes.items():
             (artifacts / "recipes" / f"trial-{number}.yaml").write_text(
                 to_mergekit_yaml(parse_recipe(recipe), model_paths)
             )
-        if history:
-            tracker.client.log_metric(tracker.parent_id, "hypervolume", history[-1])
 
-        # Test split, in parallel over the workers: the search never saw it.
-        test_metrics = ray.get(
-            [workers[i % len(workers)].evaluate.remote(recipes[p.number], "test") for i, p in enumerate(front)]
+    earlier = {
+        entry["trial"]: entry
+        for entry in (read_summary(folder) or {}).get("front", [])
+        if entry["recipe"] == recipes.get(entry["trial"]) and Path(entry["model_dir"]).is_dir()
+    }
+    # Test split, in parallel over the workers: the search never saw it.
+    untested = [p for p in front if p.number not in earlier]
+    tested = ray.get(
+        [workers[i % len(workers)].evaluate.remote(recipes[p.number], "test") for i, p in enumerate(untested)]
+    )
+    test_metrics = {number: entry["test"] for number, entry in earlier.items()}
+    test_metrics.update({p.number: metrics for p, metrics in zip(untested, tested, strict=True)})
+    aliases = choose_aliases(front, config.objectives)
+    entries = []
+    for point in front:
+        if point.number in earlier:
+            model_dir = earlier[point.number]["model_dir"]
+        else:
+            model_dir = ray.get(
+                workers[0].save.remote(recipes[point.number], str(folder / "models" / f"trial-{point.number}"))
+            )
+        previous = earlier.get(point.number, {})
+        entries.append(
+            {
+                "trial": point.number,
+                "method": recipes[point.number]["merge_method"],
+                "dev": point.metrics,
+                "test": test_metrics[point.number],
+                "model_dir": str(model_dir),
+                "registered_model": previous.get("registered_model"),
+                "version": previous.get("version"),
+                "aliases": aliases.get(point.number, []),
+                "recipe": recipes[point.number],
+            }
         )
-        aliases = choose_aliases(front, config.objectives)
-        models_dir = folder / "models"
-        entries = []
-        for point, metrics in zip(front, test_metrics, strict=True):
-            tracker.log_test_metrics(point.number, metrics)
-            model_dir = Path(
-                ray.get(workers[0].save.remote(recipes[point.number], str(models_dir / f"trial-{point.number}")))
-            )
-            name, version = tracker.register(point.number, model_dir, aliases.get(point.number, []))
-            entries.append(
-                {
-                    "trial": point.number,
-                    "method": recipes[point.number]["merge_method"],
-                    "dev": point.metrics,
-                    "test": metrics,
-                    "model_dir": str(model_dir),
-                    "registered_model": name,
-                    "version": version,
-                    "aliases": aliases.get(point.number, []),
-                    "recipe": recipes[point.number],
-                }
-            )
-        tracker.log_artifacts(artifacts)
-    finally:
-        shutil.rmtree(artifacts, ignore_errors=True)
     summary = {
         "search": config.name,
         "sampler": config.sampler,
@@ -132,21 +132,65 @@ def finalize_search(
         "completed": len(points),
         "failed": failed,
         "hypervolume": history[-1] if history else 0.0,
+        "parent_metrics": {**({"hypervolume": history[-1]} if history else {}), **similarity_metrics},
         "front": entries,
         "mlflow_run": tracker.run_url,
     }
-    (folder / SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
+    write_json_atomic(folder / SUMMARY, summary)  # the record first: MLflow may not answer
+    mirror(tracker, study, summary, folder, log)
     return summary
 
 
+def mirror(tracker: Tracker, study: optuna.Study, summary: dict, folder: Path, log: Callable[[str], None]) -> bool:
+    """Mirror a finalized search to MLflow and record the registry versions in pareto.json; True when all of it
+    reached MLflow."""
+    done = tracker.mirror_summary(study, summary, folder / ARTIFACTS)
+    write_json_atomic(folder / SUMMARY, summary)
+    if not done:
+        log(
+            f"{summary['search']}: pareto.json is written; registering its front waits for MLflow "
+            f"(`safemerge search sync {summary['search']}`)"
+        )
+    return done
+
+
+def sync(config: SearchConfig, log: Callable[[str], None] = print) -> dict | None:
+    """Mirror a search's study (and its finalized front, if any) to MLflow, under the search's lease; returns the
+    summary, or None when the search is not finalized yet."""
+    storage, study = open_storage(config)
+    with DriverLease(config.name, storage, config.lease_timeout_s):
+        tracker = Tracker(config, log)
+        summary = read_summary(search_folder(config))
+        if summary is None:
+            created = tracker.sync_trials(study)
+            done = created is not None
+            if done:
+                log(f"{config.name}: {created} trial runs logged; the search is not finalized yet")
+        else:
+            done = mirror(tracker, study, summary, search_folder(config), log)
+        tracker.finish()
+    if not done:
+        raise UserError(
+            f"MLflow at {config.mlflow.tracking_uri} does not answer; start it (or fix mlflow.tracking_uri) and run "
+            f"`safemerge search sync {config.name}` again"
+        )
+    log(f"{config.name}: MLflow is up to date ({tracker.run_url})")
+    return summary
+
+
+def read_summary(folder: Path) -> dict | None:
+    path = Path(folder) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_summary(name: str, results_dir: Path = Path("artifacts/searches")) -> dict:
-    path = Path(results_dir) / name / SUMMARY
-    if not path.is_file():
+    summary = read_summary(Path(results_dir) / name)
+    if summary is None:
         raise UserError(
             f"search {name!r} has no Pareto summary under {results_dir}; run or resume it first "
             f"(`safemerge search resume {name}`)"
         )
-    return json.loads(path.read_text())
+    return summary
 
 
 def format_front(summary: dict) -> str:
@@ -162,9 +206,14 @@ def format_front(summary: dict) -> str:
     for entry in summary["front"]:
         dev, test = entry["dev"], entry["test"]
         aliases = f" [{', '.join(entry['aliases'])}]" if entry["aliases"] else ""
+        registered = (
+            f"{entry['registered_model']} v{entry['version']}"
+            if entry.get("version") is not None
+            else "pending (MLflow did not answer)"
+        )
         lines.append(
             f"{entry['trial']:>5}  {entry['method']:16} {dev.get('safety', float('nan')):10.3f} "
             f"{dev.get('domain', float('nan')):10.3f} {test['safety']:11.3f} {test['domain']:11.3f} "
-            f"{test['over_refusal']:13.3f}  {entry['registered_model']} v{entry['version']}{aliases}"
+            f"{test['over_refusal']:13.3f}  {registered}{aliases}"
         )
     return "\n".join(lines)

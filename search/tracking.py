@@ -1,18 +1,26 @@
-"""MLflow tracking of a search: one parent run, one child run per finished trial (synced from the Optuna
-study, so it is idempotent across resumes), Pareto tags, artifacts, and the registry entries of the chosen
-merges with the aliases best-safety, best-domain and balanced."""
+"""MLflow tracking of a search: one parent run, one child run per finished trial, Pareto tags, artifacts, and
+the registry entries of the chosen merges with the aliases best-safety, best-domain and balanced.
+
+The Optuna study is the record and MLflow a mirror of it: every call here is idempotent (run again, it adds
+nothing that is there), and MLflow not answering is one line on the console, never an error of the search. What
+did not reach MLflow is mirrored at the next sync (after the next trial, at finalize, or `safemerge search sync`)."""
 
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import optuna
+import requests
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from safemerge.search.config import SearchConfig
@@ -21,6 +29,16 @@ from safemerge.search.pareto import Point
 SEARCH_TAG = "safemerge.search"
 ROLE_TAG = "safemerge.role"
 TRIAL_TAG = "safemerge.trial"
+# Set last on a child run: a run without it was cut off mid-logging and is logged again.
+COMPLETE_TAG = "safemerge.complete"
+# What MLflow not answering raises: the REST client's errors, the HTTP layer's, the socket's.
+OUTAGE_ERRORS = (MlflowException, requests.exceptions.RequestException, OSError)
+# The REST client retries a refused connection 7 times with a doubling backoff (about 4 minutes) by default; the
+# mirror retries at the next sync instead, so a call gives up after seconds. A user's own setting wins.
+FAST_FAILING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+
+Result = TypeVar("Result")
 
 
 def _flat_params(trial: optuna.trial.FrozenTrial) -> dict[str, str]:
@@ -28,20 +46,21 @@ def _flat_params(trial: optuna.trial.FrozenTrial) -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, config: SearchConfig) -> None:
-        self.config = config
+    """The MLflow mirror of one search. `available` says whether the last call reached MLflow."""
+
+    def __init__(self, config: SearchConfig, log: Callable[[str], None] = print) -> None:
+        self.config, self.log = config, log
+        for name, value in FAST_FAILING_HTTP.items():
+            os.environ.setdefault(name, value)
         # Both URIs pinned to the config: an inherited MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI must not win.
         mlflow.set_tracking_uri(config.mlflow.tracking_uri)
         mlflow.set_registry_uri(config.mlflow.tracking_uri)
         self.client = MlflowClient(tracking_uri=config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
-        experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
-        self.experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else self.client.create_experiment(config.mlflow.experiment)
-        )
-        self.parent_id = self._parent_run()
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.available = True
         self._start_background()
+        self._mirrored("open the search's parent run", lambda: None)
 
     def _start_background(self) -> None:
         self._sync_lock = threading.Lock()
@@ -50,11 +69,44 @@ class Tracker:
 
     # Tune pickles its callbacks (and so this tracker) into the experiment state: the thread parts stay behind.
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_sync_lock", "_background", "_queued")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_sync_lock", "_background", "_queued", "log")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.log = print
         self._start_background()
+
+    def _mirrored(self, doing: str, action: Callable[[], Result]) -> Result | None:
+        """Run `action` once the parent run exists; None (and one line when MLflow just went away) if MLflow
+        does not answer."""
+        try:
+            self._connect()
+            result = action()
+        except OUTAGE_ERRORS as error:
+            if self.available:
+                reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                self.log(
+                    f"MLflow at {self.config.mlflow.tracking_uri} did not answer ({reason}) while trying to {doing}; "
+                    f"the Optuna study keeps every trial, and they reach MLflow at the next sync, or with "
+                    f"`safemerge search sync {self.config.name}`"
+                )
+            self.available = False
+            return None
+        if not self.available:
+            self.log(f"MLflow at {self.config.mlflow.tracking_uri} answers again")
+        self.available = True
+        return result
+
+    def _connect(self) -> None:
+        if self.experiment_id is None:
+            experiment = self.client.get_experiment_by_name(self.config.mlflow.experiment)
+            self.experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment(self.config.mlflow.experiment)
+            )
+        if self.parent_id is None:
+            self.parent_id = self._parent_run()
 
     def _find(self, extra_filter: str) -> list:
         query = f"tags.`{SEARCH_TAG}` = '{self.config.name}' and {extra_filter}"
@@ -81,13 +133,14 @@ class Tracker:
             "seed": config.seed,
             **{f"model.{k}": v for k, v in config.models.model_dump().items()},
         }
-        for key, value in params.items():
-            self.client.log_param(run.info.run_id, key, str(value)[:6000])
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         self.client.log_dict(run.info.run_id, config.model_dump(mode="json"), "config.json")
         return run.info.run_id
 
     @property
     def run_url(self) -> str:
+        if self.parent_id is None:
+            return f"not yet created (MLflow at {self.config.mlflow.tracking_uri} did not answer)"
         uri = self.config.mlflow.tracking_uri.rstrip("/")
         return f"{uri}/#/experiments/{self.experiment_id}/runs/{self.parent_id}"
 
@@ -96,100 +149,144 @@ class Tracker:
         call while one is still queued adds nothing: the queued one logs every trial finished by the time it runs."""
         if self._queued is not None and not self._queued.running() and not self._queued.done():
             return
-        self._queued = self._background.submit(self._sync, study)
+        self._queued = self._background.submit(self.sync_trials, study)
 
-    def sync_trials(self, study: optuna.Study) -> int:
-        """Create a child run for every finished trial that has none yet; returns how many were created. Waits
-        for a background sync first, and raises its error if it failed."""
-        if self._queued is not None:
-            self._queued.result()
-        return self._sync(study)
-
-    def _sync(self, study: optuna.Study) -> int:
+    def sync_trials(self, study: optuna.Study) -> int | None:
+        """Create a child run for every finished trial that has no complete one yet; returns how many were
+        created, None when MLflow did not answer."""
         with self._sync_lock:
-            return self._sync_unlocked(study)
+            return self._mirrored("log the finished trials", lambda: self._sync_unlocked(study))
 
     def _sync_unlocked(self, study: optuna.Study) -> int:
-        logged = {run.data.tags.get(TRIAL_TAG) for run in self._find(f"tags.`{ROLE_TAG}` = 'trial'")}
+        logged = set()
+        for run in self._find(f"tags.`{ROLE_TAG}` = 'trial'"):
+            if run.data.tags.get(COMPLETE_TAG) == "true":
+                logged.add(run.data.tags.get(TRIAL_TAG))
+            else:  # cut off mid-logging by an outage or a crash: removed, and logged again below
+                self.client.delete_run(run.info.run_id)
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         created = 0
         for trial in study.get_trials(deepcopy=False, states=states):
-            if str(trial.number) in logged:
-                continue
-            metrics = trial.user_attrs.get("metrics", {})
-            tags = {
-                SEARCH_TAG: self.config.name,
-                ROLE_TAG: "trial",
-                TRIAL_TAG: str(trial.number),
-                "mlflow.parentRunId": self.parent_id,
-                "method": str(trial.params.get("method", "")),
-                "state": trial.state.name,
-                "pareto": "false",
-            }
-            if "worker" in metrics:
-                tags["worker"] = str(int(metrics["worker"]))
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
-            params = _flat_params(trial)
-            items = list(params.items())
-            for start in range(0, len(items), 100):
-                self.client.log_batch(
-                    run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]]
-                )
-            self.client.log_batch(
-                run.info.run_id,
-                metrics=[
-                    mlflow.entities.Metric(key, float(value), int(trial.datetime_complete.timestamp() * 1000), 0)
-                    for key, value in metrics.items()
-                ],
-            )
-            if trial.datetime_start and trial.datetime_complete:
-                duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
-                self.client.log_metric(run.info.run_id, "trial_wall_s", duration)
-            self.client.set_terminated(
-                run.info.run_id, status="FINISHED" if trial.state.name == "COMPLETE" else "FAILED"
-            )
-            created += 1
+            if str(trial.number) not in logged:
+                self._log_trial(trial)
+                created += 1
         return created
 
+    def _log_trial(self, trial: optuna.trial.FrozenTrial) -> None:
+        metrics = trial.user_attrs.get("metrics", {})
+        tags = {
+            SEARCH_TAG: self.config.name,
+            ROLE_TAG: "trial",
+            TRIAL_TAG: str(trial.number),
+            "mlflow.parentRunId": self.parent_id,
+            "method": str(trial.params.get("method", "")),
+            "state": trial.state.name,
+            "pareto": "false",
+        }
+        if "worker" in metrics:
+            tags["worker"] = str(int(metrics["worker"]))
+        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags).info.run_id
+        stamp = int(trial.datetime_complete.timestamp() * 1000)
+        values = {key: float(value) for key, value in metrics.items()}
+        if trial.datetime_start and trial.datetime_complete:
+            values["trial_wall_s"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        params = [Param(k, v) for k, v in _flat_params(trial).items()]
+        self.client.log_batch(
+            run_id,
+            params=params[:PARAMS_PER_BATCH],
+            metrics=[Metric(key, value, stamp, 0) for key, value in values.items()],
+        )
+        for start in range(PARAMS_PER_BATCH, len(params), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=params[start : start + PARAMS_PER_BATCH])
+        self.client.set_terminated(run_id, status="FINISHED" if trial.state.name == "COMPLETE" else "FAILED")
+        self.client.set_tag(run_id, COMPLETE_TAG, "true")
+
     def trial_runs(self) -> dict[int, str]:
-        return {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in self._find(f"tags.`{ROLE_TAG}` = 'trial'")}
+        runs = self._find(f"tags.`{ROLE_TAG}` = 'trial' and tags.`{COMPLETE_TAG}` = 'true'")
+        return {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in runs}
 
-    def mark_pareto(self, front: Sequence[Point]) -> None:
+    def mark_pareto(self, front: Sequence[Point]) -> bool:
+        """Tag each trial's run on or off the front; False when MLflow did not answer."""
         on_front = {point.number for point in front}
-        for number, run_id in self.trial_runs().items():
+
+        return bool(self._mirrored("tag the Pareto front", lambda: self._mark_pareto(on_front)))
+
+    def _mark_pareto(self, on_front: set[int]) -> dict[int, str]:
+        """Tag each trial's run; returns the trial runs (number: run id)."""
+        runs = self.trial_runs()
+        for number, run_id in runs.items():
             self.client.set_tag(run_id, "pareto", "true" if number in on_front else "false")
+        return runs
 
-    def log_test_metrics(self, number: int, metrics: dict[str, float]) -> None:
-        run_id = self.trial_runs()[number]
-        for key, value in metrics.items():
-            self.client.log_metric(run_id, f"test_{key}", float(value))
+    def mirror_summary(self, study: optuna.Study, summary: dict, artifacts: Path) -> bool:
+        """Mirror a finalized search: its trials, front tags, test metrics, parent metrics and artifacts, and a
+        registry version (with its aliases) for each front entry that has none yet; fills each entry's
+        `registered_model` and `version`. Idempotent. False when MLflow did not answer (the entries not yet
+        registered keep `version` None)."""
+        if self.sync_trials(study) is None:
+            return False
 
-    def log_artifacts(self, folder: Path) -> None:
-        self.client.log_artifacts(self.parent_id, str(folder))
+        def mirror() -> bool:
+            runs = self._mark_pareto({entry["trial"] for entry in summary["front"]})
+            self._log_new_metrics(self.parent_id, summary["parent_metrics"])
+            for entry in summary["front"]:
+                run_id = runs[entry["trial"]]
+                self._log_new_metrics(run_id, {f"test_{k}": v for k, v in entry["test"].items()})
+                entry["registered_model"], entry["version"] = self._register_once(
+                    entry["trial"], run_id, Path(entry["model_dir"]), entry["aliases"]
+                )
+            self.client.log_artifacts(self.parent_id, str(artifacts))
+            summary["mlflow_run"] = self.run_url
+            return True
 
-    def register(self, number: int, model_dir: Path, aliases: Sequence[str]) -> tuple[str, int]:
-        """Log a merged model folder on its trial's run and register it; returns (name, version)."""
+        return bool(self._mirrored("mirror the finalized search", mirror))
+
+    def _log_new_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Log the metrics whose latest value on the run differs: a second finalize adds no history points."""
+        latest = self.client.get_run(run_id).data.metrics
+        stamp = int(time.time() * 1000)
+        new = [Metric(k, float(v), stamp, 0) for k, v in metrics.items() if latest.get(k) != float(v)]
+        if new:
+            self.client.log_batch(run_id, metrics=new)
+
+    @property
+    def registered_model_name(self) -> str:
+        return f"{self.config.mlflow.registry_prefix}-{self.config.name}"
+
+    def _register_once(self, number: int, run_id: str, model_dir: Path, aliases: Sequence[str]) -> tuple[str, int]:
+        """The registry version of trial `number` (logged and registered only if it has none yet), with the
+        given aliases set on it."""
         from safemerge.evaluators.pyfunc import MergedChatModel
 
-        run_id = self.trial_runs()[number]
-        name = f"{self.config.mlflow.registry_prefix}-{self.config.name}"
-        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
-            info = mlflow.pyfunc.log_model(
-                name="merged_model",
-                python_model=MergedChatModel(),
-                artifacts={"model_dir": str(model_dir)},
-                pip_requirements=["safemerge", "torch", "transformers", "safetensors"],
+        name = self.registered_model_name
+        existing = [
+            version
+            for version in self.client.search_model_versions(f"name = '{name}'")
+            if version.tags.get("trial") == str(number) and version.tags.get(SEARCH_TAG) == self.config.name
+        ]
+        if existing:
+            version = min(existing, key=lambda v: int(v.version))
+        else:
+            with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+                info = mlflow.pyfunc.log_model(
+                    name="merged_model",
+                    python_model=MergedChatModel(),
+                    artifacts={"model_dir": str(model_dir)},
+                    pip_requirements=["safemerge", "torch", "transformers", "safetensors"],
+                )
+            version = mlflow.register_model(
+                info.model_uri, name, tags={"trial": str(number), SEARCH_TAG: self.config.name}
             )
-        version = mlflow.register_model(info.model_uri, name, tags={"trial": str(number)})
         for alias in aliases:
             self.client.set_registered_model_alias(name, alias, version.version)
         return name, int(version.version)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the parent run; a background sync still running ends first (its error is not raised here: the
-        search may be ending because of another one)."""
+        """End the parent run once the background sync has ended (its outcome is its own: the search may be ending
+        because of another error)."""
         self._background.shutdown(wait=True)
-        self.client.set_terminated(self.parent_id, status=status)
+        if self.parent_id is not None:
+            self._mirrored("end the parent run", lambda: self.client.set_terminated(self.parent_id, status=status))
 
 
 def choose_aliases(front: Sequence[Point], objectives) -> dict[int, list[str]]:
@@ -275,7 +372,3 @@ def pareto_plots(
     html = folder / "pareto.html"
     html_figure.write_html(str(html), include_plotlyjs=True)
     return [png, html]
-
-
-def scratch_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="safemerge-artifacts-"))

@@ -13,7 +13,18 @@ from tests.test_search import zoo_config
 
 def tracked_search(tracking_uri: str, trials: int) -> Tracker:
     """A finished study's trials synced to MLflow by the tracker the search uses."""
-    config = zoo_config(name="ui-check", **{"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "safemerge-ui"})
+    tracker = Tracker(ui_config(tracking_uri))
+    assert tracker.sync_trials(finished_study(trials)) == trials
+    tracker.finish()
+    return tracker
+
+
+def ui_config(tracking_uri: str):
+    return zoo_config(name="ui-check", **{"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "safemerge-ui"})
+
+
+def finished_study(trials: int) -> optuna.Study:
+    """An in-memory study of `trials` COMPLETE trials with the metrics a search keeps."""
     study = optuna.create_study(directions=["maximize", "maximize"])
     for number in range(trials):
         trial = study.ask()
@@ -22,10 +33,7 @@ def tracked_search(tracking_uri: str, trials: int) -> Tracker:
         metrics = {"safety": number / trials, "domain": 1 - number / trials, "over_refusal": 0.0}
         trial.set_user_attr("metrics", metrics)
         study.tell(trial, [metrics["safety"], metrics["domain"]])
-    tracker = Tracker(config)
-    assert tracker.sync_trials(study) == trials
-    tracker.finish()
-    return tracker
+    return study
 
 
 def test_mlflow_ui_lists_the_search_runs(mlflow_server):
