@@ -123,6 +123,20 @@ class MlflowConfig(_Strict):
     experiment: str = "safemerge"
     registry_prefix: str = Field("safemerge", description="registered model names start with this")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        """Server credentials move to MLflow's environment variables (see search/secrets.py)."""
+        from safemerge.search.secrets import without_mlflow_credentials, without_storage_password
+
+        if "://" in uri and not uri.startswith(("http://", "https://")) and without_storage_password(uri) != uri:
+            raise ValueError(
+                "a database URL with a password would be written into the search's files; use an MLflow server "
+                "(http://HOST:5000, credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) or leave the "
+                "password out of the URL (PostgreSQL reads PGPASSWORD)"
+            )
+        return without_mlflow_credentials(uri)
+
 
 class EvaluationConfig(_Strict):
     judge: str = "refusal"
@@ -169,6 +183,14 @@ class SearchConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     results_dir: Path = Path("artifacts/searches")
     seed: int = 0
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_without_password(cls, url: str) -> str:
+        """The password stays in this process (search/secrets.py); the config holds the URL without it."""
+        from safemerge.search.secrets import without_storage_password
+
+        return without_storage_password(url)
 
     @field_validator("methods")
     @classmethod

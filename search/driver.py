@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import ray
+import sqlalchemy
 import yaml
 from ray import tune
 from ray.util.queue import Queue
@@ -27,6 +28,7 @@ from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
+from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
 from safemerge.search.trainable import run_trial
 from safemerge.search.trial import trial_metric_names
@@ -103,7 +105,7 @@ def open_study(
 ) -> optuna.Study:
     return optuna.create_study(
         study_name=config.name,
-        storage=storage or config.storage,
+        storage=storage or rdb_storage(config.storage),
         sampler=sampler,
         load_if_exists=True,
         directions=config.objectives.directions(),
@@ -135,7 +137,14 @@ def ensure_storage_folder(storage: str) -> None:
 def open_storage(config: SearchConfig) -> tuple[optuna.storages.RDBStorage, optuna.Study]:
     """The search's Optuna storage and its study, created if it is new."""
     ensure_storage_folder(config.storage)
-    storage = optuna.storages.RDBStorage(config.storage)
+    try:
+        storage = rdb_storage(config.storage)
+    except sqlalchemy.exc.OperationalError as error:  # refused, unknown host, bad password: one line
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
+        raise UserError(
+            f"storage {config.storage}: {reason}; check that the database runs and its URL, and give its password "
+            f"in the URL or in {STORAGE_PASSWORD_ENV}"
+        ) from None
     return storage, open_study(config, storage)
 
 
@@ -241,7 +250,7 @@ def run_search(
     tuner.fit()
     stats = ray.get([worker.stats.remote() for worker in workers])
     (search_folder(config) / "workers.json").write_text(json.dumps(stats, indent=2))
-    return optuna.load_study(study_name=config.name, storage=config.storage)
+    return optuna.load_study(study_name=config.name, storage=rdb_storage(config.storage))
 
 
 def load_search_config(

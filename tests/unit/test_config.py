@@ -3,6 +3,7 @@ project folder, and where model references resolve."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,39 @@ def test_model_references_resolve_to_zoo_and_local_folders(tmp_path):
     (zoo / "medical").mkdir()  # a folder without config.json is not a built model
     with pytest.raises(UserError, match="zoo model 'zoo:medical' is not at"):
         config.resolve_model("zoo:medical")
+
+
+def test_a_storage_password_is_taken_out_of_the_config_and_kept_for_the_driver_only(monkeypatch):
+    import pickle
+
+    from safemerge.search.secrets import STORAGE_PASSWORD_ENV, ConnectArgs, secret_environment, storage_password
+
+    monkeypatch.delenv(STORAGE_PASSWORD_ENV, raising=False)
+    config = make_config(storage="postgresql+psycopg://optuna:s3cr%40t-pw@db.internal:5432/optuna")
+    assert config.storage == "postgresql+psycopg://optuna@db.internal:5432/optuna"
+    assert "s3cr" not in config.model_dump_json() and "s3cr" not in repr(config)
+    assert storage_password(config.storage) == "s3cr@t-pw"  # percent-decoded, as the driver sends it
+    connect_args = ConnectArgs(config.storage)
+    assert connect_args == {"password": "s3cr@t-pw"}
+    assert b"s3cr" not in pickle.dumps(connect_args) and b"s3cr" not in pickle.dumps(config)
+    assert secret_environment(config.storage) == {STORAGE_PASSWORD_ENV: "s3cr@t-pw"}
+
+
+def test_a_storage_password_from_the_environment_for_a_process_that_never_saw_it(monkeypatch):
+    from safemerge.search.secrets import STORAGE_PASSWORD_ENV, ConnectArgs
+
+    monkeypatch.setenv(STORAGE_PASSWORD_ENV, "from-env")
+    assert ConnectArgs("postgresql+psycopg://optuna@elsewhere:5432/optuna") == {"password": "from-env"}
+
+
+def test_mlflow_server_credentials_move_to_mlflows_environment(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    config = make_config(**{"mlflow.tracking_uri": "https://ci:tok3n@mlflow.internal:5000/base"})
+    assert config.mlflow.tracking_uri == "https://mlflow.internal:5000/base"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ci" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "tok3n"
+
+
+def test_an_mlflow_database_url_with_a_password_is_refused():
+    with pytest.raises(UserError, match="mlflow.tracking_uri: a database URL with a password"):
+        make_config(**{"mlflow.tracking_uri": "postgresql://mlflow:pw@db/mlflow"})
