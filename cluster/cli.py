@@ -73,6 +73,7 @@ def _cmd_nightly(args: argparse.Namespace) -> None:
         mlflow_uri=args.mlflow_uri,
         wait=args.wait,
         lock_timeout=args.lock_timeout,
+        settle_s=args.settle_s,
     )
     failed = [record for record in submitted if record.get("job_status") not in (None, "SUCCEEDED")]
     if failed:
@@ -112,6 +113,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             help=f"where the cluster's record, logs and MLflow store live (default: {DEFAULT_STATE_DIR})",
         )
 
+    from safemerge.cluster.nightly import SETTLE_S
+
     nightly = commands.add_parser(
         "nightly",
         help="submit one search job per expert release not searched yet (run it from cron)",
@@ -134,5 +137,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     nightly.add_argument("--wait", action="store_true", help="wait for the submitted jobs; fail if one fails")
     nightly.add_argument(
         "--lock-timeout", type=float, default=600.0, help="seconds to wait for another watcher (default: 600)"
+    )
+    nightly.add_argument(
+        "--settle-s",
+        type=float,
+        default=SETTLE_S,
+        help=f"skip a release folder with a file changed this many seconds ago or less: it is still being copied "
+        f"(default: {SETTLE_S:g})",
     )
     nightly.set_defaults(handler=_cmd_nightly)

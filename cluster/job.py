@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlflow-uri", default=None, help="tracking server (default: $MLFLOW_TRACKING_URI, else the config's)"
     )
     parser.add_argument(
+        "--name-by-release",
+        action="store_true",
+        help="pin every hub model to its current commit and name the search after the models' releases, so a "
+        "scheduled job searches each new release once (the same releases again only re-finalize, which changes "
+        "nothing)",
+    )
+    parser.add_argument(
         "--storage",
         default=None,
         help="Optuna storage URL, e.g. postgresql://... on a multi-node cluster "
@@ -82,6 +89,31 @@ def job_config(args: argparse.Namespace):
     return config.anchored(home)
 
 
+def named_by_release(config):
+    """The config with hub models pinned to their current commits and `-RELEASE` (8 hex digits over every model's
+    release id) added to its name."""
+    import hashlib
+
+    from safemerge.search.config import SearchConfig
+    from safemerge.search.model_sources import pinned_reference, release_id
+
+    data = config.model_dump(mode="json")
+    models = data["models"]
+    references = {"base": models["base"], "aligned": models["aligned"], **models["experts"]}
+    if models.get("guard"):
+        references["guard"] = models["guard"]
+    pinned = {role: pinned_reference(reference) for role, reference in references.items()}
+    for role in ("base", "aligned", "guard"):
+        if role in pinned:
+            models[role] = pinned[role]
+    models["experts"] = {domain: pinned[domain] for domain in models["experts"]}
+    digest = hashlib.sha256()
+    for role, reference in sorted(pinned.items()):
+        digest.update(f"{role}={release_id(reference, config.zoo_dir)}\n".encode())
+    data["name"] = f"{config.name}-{digest.hexdigest()[:8]}"
+    return SearchConfig.model_validate(data)
+
+
 def prepare_inputs(config, log=print) -> None:
     """Build the zoo where the config names zoo models, refuse a worker that does not fit its GPU or machine (the
     memory plan, from the models' headers: before the data is written or any worker starts), then build the data;
@@ -110,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{ENTRYPOINT_MODULE}: search {config.name!r}, {config.trials} trials, workers: {config.workers.count}")
         print(f"{ENTRYPOINT_MODULE}: MLflow {config.mlflow.tracking_uri}, Optuna {config.storage}", flush=True)
         prepare_inputs(config)
+        if args.name_by_release:
+            config = named_by_release(config)
+            print(f"{ENTRYPOINT_MODULE}: search {config.name!r}, named by its models' releases", flush=True)
         from safemerge.search.run import execute, format_front
 
         summary = execute(config)

@@ -11,7 +11,6 @@ submission id, so a release is never searched twice even when the state file is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import time
@@ -25,10 +24,12 @@ from safemerge.cluster.processes import http_ok
 from safemerge.errors import UserError
 from safemerge.files import write_json_atomic
 from safemerge.search.config import SearchConfig, load_config
-from safemerge.weights import SAFETENSORS_INDEX, weight_files
+from safemerge.search.secrets import secret_environment
+from safemerge.weights import content_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-HASH_CHUNK = 16 << 20
+# A release folder with a file changed this recently is still being copied.
+SETTLE_S = 60.0
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -43,36 +44,13 @@ class Release:
         return f"safemerge-{self.release_id[:24]}"
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The files whose content identifies a release: its safetensors index (when sharded) and weight files."""
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise UserError(
-            f"release {folder} is not a model folder (it needs config.json and *.safetensors); "
-            "move it out of the releases folder or finish copying it"
-        )
-    index = folder / SAFETENSORS_INDEX
-    return ([index] if index.is_file() else []) + weight_files(folder, f"release {folder}", safetensors_only=True)
-
-
-def content_hash(folder: Path, cache: dict) -> str:
-    """sha256 over the folder's safetensors files (cached by path, size and mtime: releases are read-only)."""
-    digest = hashlib.sha256()
-    for path in safetensors_files(folder):
-        stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in cache:
-            file_digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(HASH_CHUNK):
-                    file_digest.update(chunk)
-            cache[key] = file_digest.hexdigest()
-        digest.update(f"{path.name}:{cache[key]}\n".encode())
-    return digest.hexdigest()
-
-
-def scan_releases(source: str, cache: dict, log: Callable[[str], None] = print) -> list[Release]:
+def scan_releases(
+    source: str, cache: dict, log: Callable[[str], None] = print, settle_s: float = SETTLE_S
+) -> list[Release]:
     """Every release the source offers, oldest first (folders by modification time). A folder that is a link to
-    somewhere outside the releases folder is skipped with a line: a search must read only what landed there."""
+    somewhere outside the releases folder is skipped with a line: a search must read only what landed there. So
+    is one with a file changed in the last `settle_s` seconds: it is still being copied, and the next run takes
+    it."""
     if source.startswith("hf:"):
         return [_hub_release(source[len("hf:") :])]
     folder = Path(source)
@@ -89,9 +67,18 @@ def scan_releases(source: str, cache: dict, log: Callable[[str], None] = print) 
                 "into the releases folder"
             )
             continue
+        changed = time.time() - newest_change(child)
+        if changed < settle_s:
+            log(f"nightly: {child.name} changed {changed:.0f} s ago: still being copied? skipped until it is stable")
+            continue
         candidates.append(child)
     candidates.sort(key=lambda child: (child.stat().st_mtime, child.name))
     return [Release(child.name, str(child.resolve()), content_hash(child, cache)) for child in candidates]
+
+
+def newest_change(folder: Path) -> float:
+    """The latest modification time of the folder or anything in it."""
+    return max([folder.stat().st_mtime, *(path.stat().st_mtime for path in folder.rglob("*"))])
 
 
 def _hub_release(spec: str) -> Release:
@@ -103,7 +90,8 @@ def _hub_release(spec: str) -> Release:
         info = HfApi().model_info(repo, revision=revision or None)
     except Exception as error:  # noqa: BLE001 - offline, private, misspelled: one line
         raise UserError(f"--releases hf:{spec}: the hub did not answer for it ({type(error).__name__})") from None
-    return Release(repo.replace("/", "--"), repo, info.sha)
+    # Pinned: every worker downloads this commit, whatever lands on the hub while the search runs.
+    return Release(repo.replace("/", "--"), f"{repo}@{info.sha}", info.sha)
 
 
 def search_config_for(template: SearchConfig, release: Release, domain: str | None) -> dict:
@@ -159,6 +147,7 @@ def run_nightly(
     working_dir: Path = PROJECT_ROOT,
     lock_timeout: float = 600.0,
     log: Callable[[str], None] = print,
+    settle_s: float = SETTLE_S,
 ) -> list[dict]:
     """Submit a search for every new release; returns one record per job submitted by this call."""
     state_path = Path(state_path)
@@ -173,7 +162,7 @@ def run_nightly(
             state = _read_state(state_path)
             state_before_cache = state.get("hash_cache", {})
             cache = dict(state_before_cache)
-            found = scan_releases(releases, cache, log)
+            found = scan_releases(releases, cache, log, settle_s)
             configs = {release.release_id: search_config_for(template, release, domain) for release in found}
             state["hash_cache"] = cache
             for release in found:
@@ -196,7 +185,8 @@ def run_nightly(
                     client.submit_job(
                         entrypoint=search_entrypoint(configs[release.release_id]),
                         submission_id=release.submission_id,
-                        runtime_env=runtime_env(working_dir),
+                        # The storage password (if any) by environment: it is in no entrypoint or config.
+                        runtime_env=runtime_env(working_dir, secret_environment(template.storage)),
                         metadata={"safemerge_release": release.name, "safemerge_search": record["search"]},
                     )
                     log(f"nightly: {release.name}: submitted job {release.submission_id} (search {record['search']})")

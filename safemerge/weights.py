@@ -4,6 +4,7 @@ watcher's content hash) and of safetensors headers without their data (the memor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -165,3 +166,33 @@ def checkpoint_layout(folder: Path, label: str) -> list[TensorLayout]:
             raise UserError(f"{label}: {error}") from None
         layout.extend((name, dtype, shape) for name, (dtype, shape) in tensors.items())
     return layout
+
+
+HASH_CHUNK = 16 << 20
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The files whose content identifies a model release: its safetensors index (when sharded) and weights."""
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise UserError(
+            f"release {folder} is not a model folder (it needs config.json and *.safetensors); "
+            "move it out of the releases folder or finish copying it"
+        )
+    index = folder / SAFETENSORS_INDEX
+    return ([index] if index.is_file() else []) + weight_files(folder, f"release {folder}", safetensors_only=True)
+
+
+def content_hash(folder: Path, cache: dict) -> str:
+    """sha256 over the folder's safetensors files (cached by path, size and mtime: releases are read-only)."""
+    digest = hashlib.sha256()
+    for path in safetensors_files(folder):
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in cache:
+            file_digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(HASH_CHUNK):
+                    file_digest.update(chunk)
+            cache[key] = file_digest.hexdigest()
+        digest.update(f"{path.name}:{cache[key]}\n".encode())
+    return digest.hexdigest()

@@ -261,6 +261,8 @@ def test_nightly_submits_each_release_once(cluster, tmp_path, zoo_dir, data_dir)
         cluster["dashboard"],
         "--state",
         str(state),
+        "--settle-s",
+        "0",
     ]
     client = job_client(cluster["dashboard"])
 
@@ -342,6 +344,8 @@ def test_nightly_bad_input_is_one_clear_error_and_leaves_the_state(cluster, tmp_
             address,
             "--state",
             str(state),
+            "--settle-s",
+            "0",
             *extra,
         )
 
@@ -381,16 +385,19 @@ def test_kuberay_manifests_share_one_image_and_one_entrypoint():
     def by_kind(kind):
         return [m for m in manifests.values() if m["kind"] == kind]
 
-    entrypoints = [
-        by_kind("RayJob")[0]["spec"]["entrypoint"],
-        by_kind("RayCronJob")[0]["spec"]["jobTemplate"]["entrypoint"],
-    ]
     submit = next(c for m in by_kind("CronJob") for c in values(m, "command") if c[:3] == ["ray", "job", "submit"])
-    entrypoints.append(shlex.join(submit[submit.index("--") + 1 :]))
-    assert len(set(entrypoints)) == 1
-    argv = shlex.split(entrypoints[0])
+    scheduled = [
+        by_kind("RayCronJob")[0]["spec"]["jobTemplate"]["entrypoint"],
+        shlex.join(submit[submit.index("--") + 1 :]),
+    ]
+    # A scheduled search is named by its models' releases: each night's new release is a search of its own.
+    assert (
+        len(set(scheduled)) == 1 and scheduled[0] == by_kind("RayJob")[0]["spec"]["entrypoint"] + " --name-by-release"
+    )
+    argv = shlex.split(scheduled[0])
     assert argv[:3] == ["python", "-m", "safemerge.cluster.job"]
     args = build_parser().parse_args(argv[3:])
+    assert args.name_by_release
     config = load_config(REPO / args.config)
     assert config.workers.count == "auto" and config.workers.gpus == 1
     assert config.storage.startswith("postgresql://") and config.mlflow.tracking_uri.startswith("http")

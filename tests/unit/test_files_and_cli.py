@@ -219,6 +219,64 @@ def test_a_release_folder_linking_outside_the_releases_folder_is_skipped(tmp_pat
     (releases / "medical-2").symlink_to(elsewhere / "secret-model")
     (releases / "medical-3").symlink_to(releases / "medical-1")  # a link inside the folder is a release
     lines = []
-    found = scan_releases(str(releases), {}, log=lines.append)
+    found = scan_releases(str(releases), {}, log=lines.append, settle_s=0)
     assert sorted(release.name for release in found) == ["medical-1", "medical-3"]
     assert len(lines) == 1 and "medical-2 links to" in lines[0] and "skipped" in lines[0]
+
+
+def test_a_release_still_being_copied_is_skipped_until_it_is_stable(tmp_path):
+    import os
+    import time
+
+    from safemerge.cluster.nightly import scan_releases
+
+    releases = tmp_path / "releases"
+    for name in ("landed", "copying"):
+        (releases / name).mkdir(parents=True)
+        (releases / name / "config.json").write_text("{}")
+        (releases / name / "model.safetensors").write_bytes(b"weights of " + name.encode())
+    an_hour_ago = time.time() - 3600
+    for path in [releases / "landed", *(releases / "landed").iterdir()]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    lines = []
+    assert [r.name for r in scan_releases(str(releases), {}, log=lines.append, settle_s=60)] == ["landed"]
+    assert len(lines) == 1 and lines[0].startswith("nightly: copying changed") and "skipped" in lines[0]
+    assert sorted(r.name for r in scan_releases(str(releases), {}, log=lines.append, settle_s=0)) == [
+        "copying",
+        "landed",
+    ]
+
+
+def test_a_scheduled_search_is_named_by_its_models_releases_and_pins_hub_revisions(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from safemerge.cluster.job import named_by_release
+    from tests.unit.support import make_config
+
+    folders = {}
+    for name in ("base", "aligned", "medical-1", "medical-2"):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "config.json").write_text("{}")
+        (folders[name] / "model.safetensors").write_bytes(b"weights of " + name.encode())
+    commits = {"org/expert": "a" * 40}
+
+    class Hub:  # the hub cannot be reached here: its answer for model_info, as the real client returns it
+        def model_info(self, repo, revision=None):
+            return type("ModelInfo", (), {"sha": commits[repo] if revision in (None, "main") else revision})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+
+    def config_with(expert: str):
+        models = {"base": str(folders["base"]), "aligned": str(folders["aligned"]), "experts": {"medical": expert}}
+        return make_config(name="nightly", models=models)
+
+    first = named_by_release(config_with(str(folders["medical-1"])))
+    again = named_by_release(config_with(str(folders["medical-1"])))
+    second = named_by_release(config_with(str(folders["medical-2"])))
+    assert first.name == again.name != second.name and first.name.startswith("nightly-")
+    assert first.models.experts["medical"] == str(folders["medical-1"])  # a folder stays as it is
+    hub = named_by_release(config_with("org/expert"))
+    assert hub.models.experts["medical"] == "org/expert@" + "a" * 40  # every worker downloads this commit
+    commits["org/expert"] = "b" * 40  # a new release on the hub: a search of its own
+    assert named_by_release(config_with("org/expert")).name != hub.name
