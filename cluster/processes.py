@@ -161,3 +161,26 @@ def stop_session(root_pid: int, create_time: float | None = None, grace_seconds:
             pass
     psutil.wait_procs(still_running, timeout=5)
     return len(members)
+
+
+class MlflowServer:
+    """A real `mlflow server` on one loopback port with its store (sqlite) and artifacts under `root`, started and
+    stopped at will on the same port and store: what the tests and the chaos benchmark stop and bring back."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.root, self.host = Path(root), host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        log = self.root / "server.log"
+        command = mlflow_server_command(self.host, self.port, f"sqlite:///{self.root}/mlflow.db", self.root / "art")
+        self.process = start_service(command, log)
+        wait_until(lambda: http_ok(f"{self.url}/health"), "mlflow server", self.process, log)
+        return self.url
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_session(self.process.pid)
+            self.process = None

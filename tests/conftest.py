@@ -83,21 +83,8 @@ def engines(zoo_dir: Path):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (sqlite store, proxied local artifacts), stopped at the end."""
-    from safemerge.cluster.processes import (
-        free_port,
-        http_ok,
-        mlflow_server_command,
-        start_service,
-        stop_session,
-        wait_until,
-    )
+    from safemerge.cluster.processes import MlflowServer
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = root / "server.log"
-    command = mlflow_server_command("127.0.0.1", port, f"sqlite:///{root}/mlflow.db", root / "artifacts")
-    server = start_service(command, log)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(f"{url}/health"), "mlflow server", server, log)
-    yield url
-    stop_session(server.pid)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.start()
+    server.stop()

@@ -11,38 +11,13 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from safemerge.cluster.processes import (
-    free_port,
-    http_ok,
-    mlflow_server_command,
-    start_service,
-    stop_session,
-    wait_until,
-)
+from safemerge.cluster.processes import MlflowServer, free_port
 from safemerge.search.tracking import Tracker
 from tests.driving import SearchDriver
 from tests.test_mlflow_ui import finished_study, ui_config
-from tests.test_search import REPO, SAFEMERGE, search_overrides
+from tests.test_search import REPO, SAFEMERGE, on_search, search_overrides
 
 BUDGET = 4
-
-
-class MlflowServer:
-    """A real `mlflow server` on one loopback port and one store, started and stopped at will."""
-
-    def __init__(self, root) -> None:
-        self.root, self.port, self.process = root, free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        command = mlflow_server_command("127.0.0.1", self.port, f"sqlite:///{self.root}/mlflow.db", self.root / "art")
-        self.process = start_service(command, self.root / "server.log")
-        wait_until(lambda: http_ok(f"{self.url}/health"), "mlflow server", self.process, self.root / "server.log")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_session(self.process.pid)
-            self.process = None
 
 
 @pytest.fixture
@@ -75,16 +50,6 @@ def mirrored(server: MlflowServer, name: str) -> dict:
     }
 
 
-def sync(tmp_path, name: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SAFEMERGE, "search", "sync", name, "--results-dir", str(tmp_path / "searches")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-
-
 def assert_mirror_of(study: optuna.Study, summary: dict, state: dict) -> None:
     assert state["parents"] == 1
     assert state["trials"] == list(range(BUDGET)) and state["complete"], state
@@ -114,26 +79,20 @@ def test_mlflow_down_at_the_start_then_synced_and_finalized_twice_changes_nothin
     assert all(entry["version"] is None for entry in json.loads(summary_path.read_text())["front"])
 
     # Still down: sync says so, exit 2, and changes nothing.
-    refused = sync(tmp_path, name)
+    refused = on_search(tmp_path, "sync", name)
     assert refused.returncode == 2 and "does not answer" in refused.stderr, refused.stderr
 
     server.start()
-    synced = sync(tmp_path, name)
+    synced = on_search(tmp_path, "sync", name)
     assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     state = mirrored(server, name)
     assert_mirror_of(study, summary, state)
 
     # Finalize again (resume of a finished search) and sync again: nothing new in MLflow, the same summary.
-    resumed = subprocess.run(
-        [SAFEMERGE, "search", "resume", name, "--results-dir", str(tmp_path / "searches")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    resumed = on_search(tmp_path, "resume", name)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert sync(tmp_path, name).returncode == 0
+    assert on_search(tmp_path, "sync", name).returncode == 0
     assert mirrored(server, name) == state
     again = json.loads(summary_path.read_text())
     assert [(e["trial"], e["version"], e["test"]) for e in again["front"]] == [
@@ -163,12 +122,12 @@ def test_mlflow_stopped_mid_search_and_at_finalize_loses_no_trial(tmp_path, serv
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * BUDGET
 
     server.start()
-    synced = sync(tmp_path, name)
+    synced = on_search(tmp_path, "sync", name)
     assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
     summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
     state = mirrored(server, name)
     assert_mirror_of(study, summary, state)
-    assert sync(tmp_path, name).returncode == 0
+    assert on_search(tmp_path, "sync", name).returncode == 0
     assert mirrored(server, name) == state
 
 

@@ -149,6 +149,17 @@ def search_overrides(
     return args
 
 
+def on_search(tmp_path: Path, verb: str, name: str) -> subprocess.CompletedProcess:
+    """`safemerge search VERB NAME` (resume, sync) on a search whose folder is under tmp_path (`search_overrides`)."""
+    return subprocess.run(
+        [SAFEMERGE, "search", verb, name, "--results-dir", str(tmp_path / "searches")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+
+
 def feasible_front(study: optuna.Study, over_refusal_bound: float = 0.1) -> set[int]:
     """The trial numbers of a safety/domain study's feasible Pareto front, from its trials' metrics: feasible when
     over_refusal <= the bound; off the front when another feasible trial is at least as good on both objectives
@@ -282,13 +293,7 @@ def test_a_second_driver_refuses_and_a_killed_one_resumes_to_exactly_the_budget(
     if time.time() - killed_at < lease_s - 2:  # (a slow start can let the lease go stale first)
         assert early.returncode == 2 and "resume the search once its lease is stale" in early.stderr, early.stderr
     time.sleep(max(0.0, lease_s + 1 - (time.time() - killed_at)))
-    resumed = subprocess.run(
-        [SAFEMERGE, "search", "resume", name, "--results-dir", str(tmp_path / "searches")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    resumed = on_search(tmp_path, "resume", name)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=storage)
     assert len(study.trials) == budget
