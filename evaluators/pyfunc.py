@@ -1,11 +1,18 @@
 """The MLflow pyfunc flavour of a merged model: `mlflow.pyfunc.load_model(uri).predict(["prompt", ...])`
-answers each prompt greedily with the folder's chat template (transformers backend)."""
+answers each prompt greedily with the folder's chat template (transformers backend).
+
+Logged as a model from code (MLflow's models-from-code): this file is the model, stored with it and run when it
+loads, where `set_model` below names the model; nothing is cloudpickled, so loading runs only this reviewed file
+and works across Python and library versions. `MODEL_CODE` is the path the tracker logs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow.models
 import mlflow.pyfunc
+
+MODEL_CODE = Path(__file__)
 
 
 class MergedChatModel(mlflow.pyfunc.PythonModel):
@@ -21,3 +28,6 @@ class MergedChatModel(mlflow.pyfunc.PythonModel):
         max_tokens = int((params or {}).get("max_tokens", 64))
         texts = self.generator.chat(user_turns(prompts), max_tokens=max_tokens).texts
         return ["" if text is None else text for text in texts]
+
+
+mlflow.models.set_model(MergedChatModel())

@@ -256,7 +256,7 @@ class Tracker:
     def _register_once(self, number: int, run_id: str, model_dir: Path, aliases: Sequence[str]) -> tuple[str, int]:
         """The registry version of trial `number` (logged and registered only if it has none yet), with the
         given aliases set on it."""
-        from safemerge.evaluators.pyfunc import MergedChatModel
+        from safemerge.evaluators.pyfunc import MODEL_CODE
 
         name = self.registered_model_name
         existing = [
@@ -270,7 +270,7 @@ class Tracker:
             with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
                 info = mlflow.pyfunc.log_model(
                     name="merged_model",
-                    python_model=MergedChatModel(),
+                    python_model=str(MODEL_CODE),  # a model from code, not a cloudpickled object
                     artifacts={"model_dir": str(model_dir)},
                     pip_requirements=["safemerge", "torch", "transformers", "safetensors"],
                 )

@@ -256,7 +256,8 @@ def test_a_second_driver_refuses_and_a_killed_one_resumes_to_exactly_the_budget(
     name, budget, lease_s = "resumed", 12, 10
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = search_overrides(tmp_path, name, budget, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
-    args += ["--set", f"lease_timeout_s={lease_s}"]
+    # 40 prompts a set: trials of seconds, so the search is still running when the second driver has been refused.
+    args += ["--set", f"lease_timeout_s={lease_s}", "--set", "evaluation.limit=40"]
     command = [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args]
     driver = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True
@@ -304,3 +305,8 @@ def test_a_second_driver_refuses_and_a_killed_one_resumes_to_exactly_the_budget(
     experiment = client.get_experiment_by_name("safemerge")
     children = client.search_runs([experiment.experiment_id], filter_string="tags.`safemerge.role` = 'trial'")
     assert sorted(int(c.data.tags["safemerge.trial"]) for c in children) == list(range(budget))
+    # One registry version per front trial, though two drivers ran the search: the finalize that ran is its only one.
+    summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
+    front = {entry["trial"] for entry in summary["front"]}
+    versions = [int(v.tags["trial"]) for v in client.search_model_versions(f"name = 'safemerge-{name}'")]
+    assert sorted(versions) == sorted(front), (versions, front)

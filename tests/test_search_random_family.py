@@ -105,6 +105,8 @@ def test_search_on_a_random_family_of_every_format_registers_the_in_memory_merge
     finally:
         mlflow.set_tracking_uri(pinned[0])
         mlflow.set_registry_uri(pinned[1])
+    # A model from code: the model is a file MLflow stores and runs at load, nothing is cloudpickled.
+    assert (Path(registered) / "pyfunc.py").is_file() and not list(Path(registered).rglob("*.pkl"))
     folders = [path.parent for path in Path(registered).rglob("config.json") if path.parent.name != "download"]
     assert len(folders) == 1, folders
     merged_dir = folders[0]
