@@ -23,9 +23,6 @@ from safemerge.errors import UserError
 from safemerge.merges.checkpoint import Checkpoint, check_compatible
 from safemerge.merges.methods import (
     METHODS,
-    TASK_ARITHMETIC_FAMILY,
-    Consensus,
-    Sparsification,
     TensorInputs,
     chunked_dot,
     chunked_l1,
@@ -255,16 +252,11 @@ class MergeEngine:
                 raise UserError(
                     f"recipe names model {model!r}, which this engine does not hold; use one of {', '.join(self.basis)}"
                 )
-        sparse = TASK_ARITHMETIC_FAMILY.get(method.name)
-        if (
-            sparse is not None
-            and (sparse.sparsification != Sparsification.none or sparse.consensus != Consensus.none)
-            and recipe.base_model != self.base_name
-        ):
+        if method.engine_base and recipe.base_model != self.base_name:
             raise UserError(
-                f"{method.name} with base_model {recipe.base_model!r}: sparsification and sign consensus need the "
-                f"task vectors against the engine's base {self.base_name!r}; use base_model {self.base_name!r} or "
-                "build the engine on that base"
+                f"{method.name} with base_model {recipe.base_model!r}: it works on the task vectors against the "
+                f"engine's base {self.base_name!r} element by element; use base_model {self.base_name!r} or build "
+                "the engine on that base"
             )
         self._tokenizer_source(recipe)
         inputs = method.inputs(recipe)
@@ -415,7 +407,16 @@ class MergeEngine:
                 buffer, probability, f"{seed}/{name}/{model}", start
             ),
             scratch=lambda index, dtype=torch.float32: self._buffer(pool, index, shape.numel(), dtype).view(shape),
+            read=lambda model, buffer: self._read(name, model, start, buffer),
         )
+
+    def _read(self, name: str, model: str, start: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Model `model`'s own elements of the chunk at `start` (not base + task vector, which may round
+        differently), in fp32: a view of the store where it is fp32 on the merge device, else copied into buffer."""
+        held = self.store[name][self.basis.index(model)].view(-1)[start : start + buffer.numel()].view(buffer.shape)
+        if held.dtype == torch.float32 and held.device == self.device:
+            return held
+        return buffer.copy_(held)
 
     def save(
         self,
@@ -458,6 +459,8 @@ class _TensorStatistics:
         self.total = engine.shapes[name].numel()
         self.whole = len(engine._chunks[name]) == 1
         self._cuts: dict[tuple[str, int], TopCut] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._value_cuts: dict[tuple[str, int], TopCut] = {}
         self._l1: dict[str, float] = {}
         self._grams: dict[int, torch.Tensor] = {}
         self._side_tensors: list[torch.Tensor] = []
@@ -499,6 +502,28 @@ class _TensorStatistics:
                 self._recording = False
             self._l1[model] = total
         return self._l1[model]
+
+    def _side_inputs(self) -> Iterator[TensorInputs]:
+        for start, tensors in self._side_chunks(range(len(self.engine.basis))):
+            yield self.engine._inputs(self.recipe, self.name, start, tensors, self)
+
+    def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor:
+        if key not in self._sums:
+            self._sums[key] = sum(compute(chunk).double().cpu() for chunk in self._side_inputs())  # type: ignore[assignment]
+        return self._sums[key]
+
+    def cut(
+        self, key: str, count: int, compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+    ) -> TopCut:
+        if (key, count) not in self._value_cuts:
+
+            def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+                for chunk in self._side_inputs():
+                    yield chunk.start, compute(chunk)
+
+            single = values if self.whole else None
+            self._value_cuts[key, count] = top_cut(count, self.total, chunks, single=single)
+        return self._value_cuts[key, count]
 
     def random_mask(
         self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor

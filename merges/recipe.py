@@ -149,12 +149,14 @@ def _coerce(value: Any, param: Param) -> Any:
             raise ValueError
         if isinstance(value, bool):
             raise ValueError
+        if param.kind is int:
+            if float(value) != int(value):
+                raise ValueError
+            return int(value)
         return float(value)
-    except (TypeError, ValueError):
-        raise UserError(
-            f"parameter {param.name!r} must be {'true or false' if param.kind is bool else 'a number'}, "
-            f"got {value!r}; fix the recipe"
-        ) from None
+    except (TypeError, ValueError, OverflowError):
+        wanted = {bool: "true or false", int: "a whole number"}.get(param.kind, "a number")
+        raise UserError(f"parameter {param.name!r} must be {wanted}, got {value!r}; fix the recipe") from None
 
 
 def _check_leaves(setting: Any, param: Param) -> None:
@@ -181,7 +183,7 @@ def evaluate_setting(setting: Any, tensor_name: str, position: float, param: Par
                     return evaluate_setting(item.value, tensor_name, position, param)
             return None
         values = [_coerce(item, param) for item in setting]
-        if param.kind is bool:
+        if param.kind is not float:  # true/false and counts are not interpolated: the nearest lower layer's
             return values[int(position * (len(values) - 1))]
         scaled = position * (len(values) - 1)
         low = int(scaled)

@@ -41,6 +41,12 @@ class TensorStatistics(Protocol):
         self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
     ) -> torch.Tensor: ...
 
+    def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor: ...
+
+    def cut(
+        self, key: str, count: int, compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+    ) -> TopCut: ...
+
 
 @dataclass
 class TensorInputs:
@@ -62,6 +68,7 @@ class TensorInputs:
     fill_uniform: Callable[[str, torch.Tensor], torch.Tensor]  # U[0, 1) seeded by (recipe seed, tensor, model)
     keep_mask: Callable[[str, float, torch.Tensor], torch.Tensor]  # 1.0 with probability p, same seeding
     scratch: Callable[..., torch.Tensor]  # scratch(index[, dtype]): reusable buffers shaped like this chunk
+    read: Callable[[str, torch.Tensor], torch.Tensor]  # read(model, buffer): the model's own chunk, in fp32
 
     def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
         """The `count` largest |task vector| elements of the whole tensor; `magnitudes` is this chunk's."""
@@ -77,6 +84,19 @@ class TensorInputs:
     def sparsified_l1(self, model: str, delta: torch.Tensor, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
         """L1 norm over the whole tensor of `sparsify` (this chunk's result: `delta`)."""
         return chunked_l1(delta) if self.whole else self.statistics.sparsified_l1(model, sparsify)
+
+    def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor:
+        """compute(chunk) summed over the whole tensor's chunks, in float64 on the CPU: a recipe-dependent figure
+        (a count, a sum of squares) computed once per tensor and merge under `key`. compute's scratch buffers
+        must not be ones the caller still holds."""
+        return compute(self).double().cpu() if self.whole else self.statistics.whole_sum(key, compute)
+
+    def cut(
+        self, key: str, count: int, compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+    ) -> TopCut:
+        """The `count` largest over the whole tensor of the non-negative values compute(chunk) gives (`values`:
+        this chunk's, computed by the caller), once per tensor and merge under `key`."""
+        return self.statistics.cut(key, count, compute, values)
 
     def origin(self, shared: dict) -> torch.Tensor:
         """The recipe's base model as basis coefficients (zero when the recipe has no base)."""

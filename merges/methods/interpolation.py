@@ -1,5 +1,6 @@
-"""The kernels that mix whole models rather than masked task vectors: linear, slerp, nuslerp and model_stock, each
-computed as basis coefficients from the engine's dot products and applied in one linear combination."""
+"""The kernels that mix whole models rather than masked task vectors: linear, slerp, nuslerp, model_stock, karcher
+and multislerp, each computed as basis coefficients from the engine's dot products and applied in one linear
+combination."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import torch
 
+from safemerge.errors import UserError
 from safemerge.merges.methods.inputs import TensorInputs, combine
 
 
@@ -90,3 +92,76 @@ def model_stock(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], 
     t = torch.where(singular, torch.zeros_like(cosine), count * cosine / torch.where(singular, 1.0, denominator))
     coefficients = _outer(origin, torch.ones_like(t)) + _outer(sum(offsets) / count, t)
     return combine(inputs, coefficients, out)
+
+
+def karcher(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """The Karcher (Riemannian) mean of the models' directions on the unit sphere, scaled by their mean norm, by
+    mergekit's iteration; every step is a combination of the models, so it runs on basis coefficients."""
+    vectors = [inputs.vector(model) for model in per_model]
+    if len(vectors) == 1:
+        return combine(inputs, vectors[0], out)
+    gram, tol = inputs.gram, shared["tol"]
+    norms = [float(_norm(vector, gram)) for vector in vectors]
+    alphas = [1.0 / len(vectors)] * len(vectors)
+    units = [
+        vector / norm if norm != 0.0 else torch.zeros_like(vector) for vector, norm in zip(vectors, norms, strict=True)
+    ]
+    valid = [index for index, norm in enumerate(norms) if norm > tol]
+    if not valid:
+        return out.zero_()
+    alpha_sum = sum(alphas[index] for index in valid)
+    weighted = [(alphas[index] / alpha_sum, units[index]) for index in valid]
+    mean = sum(alpha * unit for alpha, unit in weighted)
+    mean_norm = float(_norm(mean, gram))
+    mean = weighted[0][1].clone() if mean_norm < tol else mean / mean_norm
+    for _ in range(int(shared["max_iter"])):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in weighted:
+            dot = min(1.0, max(-1.0, float(_quadratic(mean, gram, unit))))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent += alpha * (theta / math.sin(theta)) * (unit - dot * mean)
+        tangent_norm = float(_norm(tangent, gram))
+        if tangent_norm < tol:
+            break
+        mean = math.cos(tangent_norm) * mean + math.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = float(_norm(mean, gram))
+        if unit_norm > tol:
+            mean = mean / unit_norm
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    return combine(inputs, scale * mean, out)
+
+
+def multislerp(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """Barycentric interpolation on the sphere (mergekit's multislerp): the models' offsets from the base (or the
+    models themselves without one) projected to the tangent space at their weighted mean direction, averaged there,
+    mapped back and scaled by their weighted mean norm; on basis coefficients, as slerp."""
+    models = list(per_model)
+    if len(models) == 1:
+        return combine(inputs, inputs.vector(models[0]), out)
+    gram, eps = inputs.gram, shared["eps"]
+    origin = inputs.origin(shared)
+    offsets = [inputs.vector(model) - origin for model in models]
+    weights = [per_model[model]["weight"] for model in models]
+    if shared["normalize_weights"]:
+        total = sum(weights)
+        weights = [weight / total for weight in weights]
+    norms = [float(_norm(offset, gram)) for offset in offsets]
+    units = [offset / (norm + eps) for offset, norm in zip(offsets, norms, strict=True)]
+    mean = sum(weight * unit for weight, unit in zip(weights, units, strict=True))
+    mean_norm = float(_norm(mean, gram))
+    if mean_norm < eps:
+        if len(models) == 2:  # mergekit falls back to linear interpolation
+            return combine(inputs, weights[0] * offsets[0] + weights[1] * offsets[1] + origin, out)
+        raise UserError(
+            f"multislerp: the weighted mean direction of tensor {inputs.name} is zero (antipodal models whose "
+            "weights cancel); change the weights"
+        )
+    mean = mean / mean_norm
+    tangents = [unit - float(_quadratic(unit, gram, mean)) * mean for unit in units]
+    tangent = sum(weight * vector for weight, vector in zip(weights, tangents, strict=True))
+    tangent_norm = float(_norm(tangent, gram)) + eps
+    result = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+    average_norm = sum(norm * weight for norm, weight in zip(norms, weights, strict=True))
+    return combine(inputs, result * average_norm + origin, out)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from safemerge.errors import UserError
+from safemerge.merges.methods.elementwise import arcee_fusion, nearswap, ram, ramplus_tl, sce
 from safemerge.merges.methods.inputs import Param, TensorInputs
-from safemerge.merges.methods.interpolation import linear, model_stock, nuslerp, slerp
+from safemerge.merges.methods.interpolation import karcher, linear, model_stock, multislerp, nuslerp, slerp
 from safemerge.merges.methods.sparsify import Sparsification
 from safemerge.merges.methods.task_arithmetic import Consensus, TaskArithmetic
 
@@ -34,6 +35,9 @@ class MergeMethod:
     role_weights: dict[str, str] | None = field(default=None)
     sparsifying: bool = False  # drops elements of each task vector, keeping a per-model `density` share
     searchable: bool = False  # a search may choose it (search/space.py builds its recipes)
+    # Works on task vectors element by element (masks, sign votes), so they must be taken against the engine's
+    # base, the one its store subtracts; the others combine whole models and take any held model as base_model.
+    engine_base: bool = False
 
     def inputs(self, recipe: Recipe) -> list[str]:
         """The models the kernel mixes, in recipe order (the base only where it is a weighted input)."""
@@ -80,6 +84,7 @@ def _task_arithmetic(
         role_weights=row.role_weights,
         sparsifying=row.sparsification != Sparsification.none,
         searchable=searchable,
+        engine_base=row.sparsification != Sparsification.none or row.consensus != Consensus.none,
     )
 
 
@@ -139,6 +144,41 @@ METHODS: dict[str, MergeMethod] = {
             model_stock,
             min_models=2,
             mergekit_name="model_stock",
+        ),
+        MergeMethod(
+            "multislerp",
+            (
+                Param("weight", float, None, per_model=True),
+                Param("normalize_weights", bool, True),
+                Param("eps", float, 1e-8),
+            ),
+            multislerp,
+            base="optional",
+            mergekit_name="multislerp",
+        ),
+        MergeMethod(
+            "karcher",
+            (Param("max_iter", int, 10), Param("tol", float, 1e-5)),
+            karcher,
+            base="input",
+            mergekit_name="karcher",
+        ),
+        MergeMethod("nearswap", (Param("t", float, None),), nearswap, max_models=1, mergekit_name="nearswap"),
+        MergeMethod("arcee_fusion", (), arcee_fusion, max_models=1, mergekit_name="arcee_fusion"),
+        MergeMethod(
+            "sce",
+            (Param("int8_mask", bool, False), Param("select_topk", float, 1.0)),
+            sce,
+            mergekit_name="sce",
+            engine_base=True,
+        ),
+        MergeMethod("ram", (Param("epsilon", float, 1e-5),), ram, mergekit_name="ram", engine_base=True),
+        MergeMethod(
+            "ramplus_tl",
+            (Param("r", float, 0.1), Param("alpha", float, 0.2), Param("epsilon", float, 1e-5)),
+            ramplus_tl,
+            mergekit_name="ramplus_tl",
+            engine_base=True,
         ),
     )
 }

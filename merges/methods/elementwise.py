@@ -1,0 +1,157 @@
+"""The kernels that decide element by element from the models' values rather than mix whole tensors: nearswap,
+arcee_fusion, RAM (ram, ramplus_tl) and SCE, each as mergekit computes it. Where one needs a figure of the whole
+tensor (RAM+'s per-model counts, SCE's variance cut and weights, arcee_fusion's quantiles) it takes it from the
+engine once per tensor and merge (TensorInputs.whole_sum, TensorInputs.cut), so a tensor merged in row chunks
+gets the same result as one merged whole."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from safemerge.merges.methods.inputs import TensorInputs
+
+# Scratch buffers of whole-tensor passes, above any a kernel holds while it asks for them.
+_SIDE = 40
+
+
+def _stacked_task_vectors(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
+    """[models, *chunk] task vectors against the engine's base, as mergekit stacks them."""
+    return torch.stack([inputs.tensors[inputs.slot(model)] for model in models])
+
+
+def nearswap(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """Take the other model's value where it is within `t` of the base's, and move toward it by t/|a - b|
+    elsewhere: weight = clamp(t / |a - b|, 0, 1), result = weight * b + (1 - weight) * a."""
+    (model,) = per_model
+    base = inputs.read(shared["base_model"], inputs.scratch(0))
+    other = inputs.read(model, inputs.scratch(1))
+    weight = torch.sub(base, other, out=inputs.scratch(2)).abs_().clamp_(min=1e-6)
+    weight.reciprocal_().mul_(shared["t"]).clamp_(0, 1)
+    torch.mul(weight, other, out=out)
+    return out.add_(weight.neg_().add_(1).mul_(base))
+
+
+def _importance(inputs: TensorInputs, base_model: str, model: str, non_negative: bool = False) -> torch.Tensor:
+    """arcee_fusion's importance: |b - a| times the KL divergence of the rows' softmaxes (a row: the last dim)."""
+    base = inputs.read(base_model, inputs.scratch(_SIDE))
+    other = inputs.read(model, inputs.scratch(_SIDE + 1))
+    eps = 1e-8
+    p = F.softmax(other, dim=-1) + eps
+    q = F.softmax(base, dim=-1) + eps
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    importance = (other - base).abs_().mul_(divergence)
+    return importance.clamp_(min=0) if non_negative else importance
+
+
+_QUARTILES = (0.25, 0.5, 0.75)
+
+
+def arcee_fusion(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """Keep the expert's change where its importance is at least median + 1.5 IQR of the tensor's importances.
+
+    The quartiles are exact (the sorted importances at floor(q * (n - 1)), as mergekit indexes them). mergekit
+    estimates them from a random sample of 10^6 elements for larger tensors, so the two agree up to 10^6
+    elements per tensor."""
+    (model,) = per_model
+    base_model = shared["base_model"]
+    importance = _importance(inputs, base_model, model)
+    positions = (torch.tensor(_QUARTILES) * (inputs.numel - 1)).long().tolist()
+    if inputs.whole:
+        ordered = torch.sort(importance.reshape(-1)).values
+        q1, median, q3 = (ordered[position] for position in positions)
+    else:  # the (n - i)-th largest is the i-th smallest; a tiny negative KL (rounding) counts as 0 here
+        compute = lambda chunk: _importance(chunk, base_model, model, non_negative=True)  # noqa: E731
+        values = importance.clamp(min=0)
+        q1, median, q3 = (
+            torch.tensor(inputs.cut("arcee_fusion", inputs.numel - position, compute, values).value)
+            for position in positions
+        )
+    threshold = median + 1.5 * (q3 - q1)
+    keep = importance.ge_(threshold)
+    base = inputs.read(base_model, inputs.scratch(0))
+    other = inputs.read(model, inputs.scratch(1))
+    change = torch.sub(other, base, out=inputs.scratch(2)).mul_(keep)
+    return torch.add(base, change, out=out)
+
+
+def _ram_masks(task_vectors: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, ...]:
+    nonzero = task_vectors.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return nonzero, counts, counts > 1, counts == 1
+
+
+def ram(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """Reinforced Agent Merging: an element changed (|tau| > epsilon) by one model keeps that change; one changed by
+    several takes their mean change."""
+    task_vectors = _stacked_task_vectors(inputs, list(per_model))
+    nonzero, counts, overlap, unique = _ram_masks(task_vectors, shared["epsilon"])
+    changed = task_vectors * nonzero
+    merged = (changed * unique + changed * overlap / counts.clamp(min=1)).sum(dim=0)
+    return torch.add(inputs.tensors[0], merged, out=out)
+
+
+def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """RAM+ (tensor-local): a model's unique changes are scaled by 1 + r * clamp(rho, 0, alpha), rho being its
+    shared / unique changed elements over the whole tensor."""
+    models, epsilon = list(per_model), shared["epsilon"]
+
+    def counts_of(chunk: TensorInputs) -> torch.Tensor:
+        nonzero, _, overlap, unique = _ram_masks(_stacked_task_vectors(chunk, models), epsilon)
+        flat = lambda mask: mask.reshape(len(models), -1).sum(dim=1)  # noqa: E731
+        return torch.stack([flat(nonzero & overlap), flat(nonzero & unique)])
+
+    counts = inputs.whole_sum("ramplus_tl.counts", counts_of).round().long()
+    shared_counts, unique_counts = counts[0], counts[1]
+    rho = shared_counts / unique_counts.clamp(min=epsilon)
+    scale = (1 + shared["r"] * rho.clamp(min=0, max=shared["alpha"])).to(out.device)
+
+    task_vectors = _stacked_task_vectors(inputs, models)
+    nonzero, element_counts, overlap, unique = _ram_masks(task_vectors, epsilon)
+    changed = task_vectors * nonzero
+    per_model_scale = scale.reshape(-1, *([1] * (task_vectors.dim() - 1)))
+    merged = (changed * unique * per_model_scale + changed * overlap / element_counts.clamp(min=1)).sum(dim=0)
+    return torch.add(inputs.tensors[0], merged, out=out)
+
+
+def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
+    return torch.var(_stacked_task_vectors(inputs, models), dim=0, unbiased=False)
+
+
+def _sce_selected(inputs: TensorInputs, models: list[str], share: float) -> torch.Tensor:
+    """The task vectors with only the `share` of elements of highest variance across models kept (SCE's select)."""
+    task_vectors = _stacked_task_vectors(inputs, models)
+    if share >= 1:
+        return task_vectors
+    if share <= 0:
+        return torch.zeros_like(task_vectors)
+    variance = _variance(inputs, models)
+    nonzero = inputs.whole_sum("sce.nonzero", lambda chunk: torch.count_nonzero(_variance(chunk, models)))
+    count = int(int(nonzero.round()) * share)
+    if count == 0:
+        return torch.zeros_like(task_vectors)
+    cut = inputs.cut("sce.variance", count, lambda chunk: _variance(chunk, models), variance)
+    return task_vectors * cut.mask(variance, inputs.start, out=variance).unsqueeze(0)
+
+
+def sce(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
+    """SCE: select the elements that vary most across models, weight each model by its mean squared (selected)
+    task vector, erase the elements whose sign disagrees with the sum's, and average what is left."""
+    models, share = list(per_model), shared["select_topk"]
+    task_vectors = _sce_selected(inputs, models, share)
+    sign_weight = task_vectors.sum(dim=0)
+    majority = (sign_weight >= 0).to(task_vectors.dtype) * 2 - 1
+    agrees = task_vectors.sign() == majority
+    if inputs.whole:
+        weights = task_vectors.square().reshape(len(models), -1).mean(dim=1)
+    else:
+
+        def squares(chunk: TensorInputs) -> torch.Tensor:
+            return _sce_selected(chunk, models, share).double().square().reshape(len(models), -1).sum(dim=1)
+
+        weights = (inputs.whole_sum("sce.squares", squares) / inputs.numel).float().to(out.device)
+    weight_sum = float(weights.sum())
+    weights = torch.ones_like(weights) / len(models) if abs(weight_sum) < 1e-6 else weights / weight_sum
+    erased = weights.reshape(-1, *([1] * (task_vectors.dim() - 1))) * agrees
+    merged = (task_vectors * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    return torch.add(inputs.tensors[0], merged, out=out)
