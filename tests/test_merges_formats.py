@@ -25,6 +25,7 @@ from safemerge.merges.recipe import from_mergekit_yaml
 from safemerge.weights import SAFETENSORS_INDEX
 from safemerge.zoo.random_family import LlamaShape, write_random_family
 from tests.conftest import report_figure
+from tests.test_merges_mergekit import whole_tensor_cases
 
 MERGEKIT = str(Path(sys.executable).parent / "mergekit-yaml")
 EXPERTS = ("aligned", "medical")
@@ -411,3 +412,23 @@ def test_unmergeable_format_is_one_line_exit_2_nothing_written(case, tmp_path, c
     assert code == 2 and len(error.splitlines()) == 1, error
     assert not out.exists()
     assert fragments[0] in error
+
+
+@pytest.fixture(scope="module")
+def three_expert_family(tmp_path_factory) -> dict[str, Path]:
+    """Every readable format at once (GQA, q/k/v biases, tied, sharded), fp32, with three experts."""
+    work = tmp_path_factory.mktemp("fp32-three-experts")
+    return write_random_family(work, ALL_FORMATS, ("aligned", "medical", "finance"), seed=0, shard_size=SHARD)
+
+
+@pytest.mark.parametrize("case", list(whole_tensor_cases("base", "aligned", "medical", "finance")))
+def test_whole_tensor_methods_on_every_format_match_mergekit(case, three_expert_family, tmp_path):
+    """multislerp, karcher, nearswap, arcee_fusion, sce and ram(plus_tl) on a GQA, biased, tied, sharded family:
+    `safemerge merge` writes mergekit-yaml's tensors (1e-5)."""
+    folders = [str(three_expert_family[name]) for name in ("base", "aligned", "medical", "finance")]
+    config = whole_tensor_cases(*folders)[case]
+    expected = read_model(run_mergekit(config, tmp_path, case))
+    actual = read_model(run_safemerge(config, tmp_path, case, "--shard-size", "100KB"))
+    assert sorted(actual) == sorted(expected) and "lm_head.weight" not in actual
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -128,6 +128,80 @@ def yaml_cases(zoo: Path) -> dict[str, dict]:
             "models": [{"model": aligned}, {"model": medical}, {"model": finance}],
             "dtype": "float32",
         },
+        **whole_tensor_cases(base, aligned, medical, finance),
+    }
+
+
+def whole_tensor_cases(base: str, aligned: str, medical: str, finance: str) -> dict[str, dict]:
+    """The methods that need figures of a whole tensor (a cut, a count, a quantile, an iteration on norms), which
+    the engine must get the same when it merges a tensor in row chunks."""
+    return {
+        "multislerp": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": [
+                {"model": aligned, "parameters": {"weight": [0.2, 1.0]}},
+                {"model": medical, "parameters": {"weight": 0.6}},
+                {"model": finance, "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]}},
+            ],
+            "dtype": "float32",
+        },
+        "multislerp_without_base": {
+            "merge_method": "multislerp",
+            "models": [
+                {"model": aligned, "parameters": {"weight": 0.3}},
+                {"model": medical, "parameters": {"weight": 0.7}},
+            ],
+            "parameters": {"normalize_weights": False},
+            "dtype": "float32",
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "base_model": base,
+            "models": [{"model": aligned}, {"model": medical}, {"model": finance}],
+            "parameters": {"max_iter": 20, "tol": 1e-6},
+            "dtype": "float32",
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": base}, {"model": medical}],
+            "parameters": {"t": [0.0005, 0.003]},
+            "dtype": "float32",
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": medical}],
+            "dtype": "float32",
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": aligned}, {"model": medical}, {"model": finance}],
+            "parameters": {"select_topk": [0.3, 0.8], "int8_mask": True},
+            "dtype": "float32",
+        },
+        "sce_every_element": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": aligned}, {"model": medical}],
+            "dtype": "float32",
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": aligned}, {"model": medical}, {"model": finance}],
+            "parameters": {"epsilon": 2e-3},  # the zoo's changes are ~2e-3: some elements changed by one model only
+            "dtype": "float32",
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": aligned}, {"model": medical}],
+            "parameters": {"epsilon": 1e-3, "r": 0.5, "alpha": [0.1, 0.4]},
+            "dtype": "float32",
+        },
     }
 
 
@@ -288,6 +362,19 @@ def test_safemerge_merge_equals_mergekit(case, oracle, engine, tmp_path):
     assert ours_config["num_hidden_layers"] == theirs_config["num_hidden_layers"]
     for file_name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (ours / file_name).read_bytes() == (mergekit_out / file_name).read_bytes(), file_name
+
+
+@pytest.mark.parametrize("case", list(whole_tensor_cases("base", *EXPERTS)))
+def test_a_tensor_merged_in_row_chunks_equals_mergekit(case, oracle, zoo_dir):
+    """The same recipes with every tensor of the zoo merged in chunks of a few rows: whole-tensor figures (SCE's
+    variance cut and weights, RAM+'s counts, arcee_fusion's quartiles) come from passes over the chunks."""
+    _, mergekit_out = oracle[case]
+    recipe = parse_recipe(yaml_cases(Path(""))[case])
+    reference = recipe.base_model or recipe.models[0].model
+    others = {entry.model: zoo_dir / entry.model for entry in recipe.models if entry.model != reference}
+    engine = MergeEngine(zoo_dir / reference, others, base_name=reference, device="cpu", chunk_elements=3000)
+    assert max(len(ranges) for ranges in engine._chunks.values()) > 30  # the embeddings: 800 rows of 128
+    assert_same_tensors(engine.merge(recipe), read_model(mergekit_out), {})
 
 
 @pytest.mark.parametrize("case", list(export_cases(4)))

@@ -112,7 +112,8 @@ def engines(tmp_path_factory) -> tuple[MergeEngine, MergeEngine]:
 def recipe_for(method: str, rescale: bool) -> dict:
     row = METHODS[method]
     names = [param.name for param in row.params]
-    models = ["aligned", "medical"]
+    per_model_names = {param.name for param in row.params if param.per_model}
+    models = ["aligned", "medical"][: row.max_models or 2]
     if method == "slerp":
         return {
             "merge_method": method,
@@ -124,11 +125,16 @@ def recipe_for(method: str, rescale: bool) -> dict:
     recipe = {
         "merge_method": method,
         "models": [
-            {"model": model, "parameters": {k: v for k, v in per_model.items() if k in names}} for model in models
+            {"model": model, "parameters": {k: v for k, v in per_model.items() if k in per_model_names}}
+            for model in models
         ],
         "parameters": {key: True for key in ("nuslerp_row_wise", "filter_wise") if key in names},
         "seed": 3,
     }
+    # nearswap's distance, SCE's selected share and RAM's change threshold at values that keep some and drop some
+    shared_names = {param.name for param in row.params if not param.per_model}
+    shared = {"t": 0.002, "select_topk": 0.5, "epsilon": 2e-3}
+    recipe["parameters"].update({key: value for key, value in shared.items() if key in shared_names})
     if "rescale" in names:
         recipe["parameters"]["rescale"] = rescale
     if row.base != "input":
@@ -149,9 +155,9 @@ def test_a_merge_in_small_chunks_is_the_merge_of_whole_tensors(engines, method, 
         pytest.skip(f"{method} has no rescale parameter")
     recipe = parse_recipe(raw)
     expected, got = whole.merge(recipe), chunked.merge(recipe)
-    # Exact, except where a whole-tensor sum (rescale norms, row-wise dot products) is added in another order:
-    # then within fp32 rounding of weights of size 0.02.
-    summed_in_chunks = rescale or method == "nuslerp"
+    # Exact, except where a whole-tensor sum (rescale norms, row-wise dot products, multislerp's gram, SCE's mean
+    # squares) is added in another order: then within fp32 rounding of weights of size 0.02.
+    summed_in_chunks = rescale or method in ("nuslerp", "multislerp", "sce")
     for name, tensor in expected.items():
         if summed_in_chunks:
             torch.testing.assert_close(got[name], tensor, rtol=2e-6, atol=1e-7)
