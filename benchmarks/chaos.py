@@ -187,7 +187,7 @@ def main() -> None:
 
             study = optuna.load_study(study_name=name, storage=storage)
             states = Counter(trial.state.name for trial in study.trials)
-            client = MlflowClient(tracking_uri=server.url)
+            client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
             experiment = client.get_experiment_by_name("safemerge")
             runs = client.search_runs(
                 [experiment.experiment_id],

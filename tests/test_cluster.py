@@ -203,7 +203,7 @@ def test_ray_job_submit_cli_runs_a_search_that_lands_in_mlflow(cluster, tmp_path
     assert {"cluster", "search", "configs"} <= names and not names & {".venv", "artifacts", "mlruns"}
 
     # The job took the MLflow server from the head's environment: parent and trials are there.
-    client_ml = mlflow.MlflowClient(tracking_uri=cluster["mlflow"])
+    client_ml = mlflow.MlflowClient(tracking_uri=cluster["mlflow"], registry_uri=cluster["mlflow"])
     experiment = client_ml.get_experiment_by_name("safemerge")
     runs = client_ml.search_runs([experiment.experiment_id], filter_string="tags.mlflow.runName = 'job-cli'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

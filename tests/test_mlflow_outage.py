@@ -136,7 +136,7 @@ def test_a_child_run_cut_off_mid_logging_is_logged_again_once(tmp_path):
     study = finished_study(3)
     tracker = Tracker(ui_config(uri))
     assert tracker.sync_trials(study) == 3
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     cut_off = tracker.trial_runs()[1]
     client.delete_tag(cut_off, "safemerge.complete")  # as a crash or an outage mid-logging leaves a run
     assert sorted(tracker.trial_runs()) == [0, 2]

@@ -205,7 +205,7 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
     assert states[0] == optuna.trial.TrialState.FAIL
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
 
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     experiment = client.get_experiment_by_name("safemerge")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`safemerge.search` = 'e2e'")
     parents = [r for r in runs if r.data.tags["safemerge.role"] == "parent"]
@@ -301,7 +301,9 @@ def test_a_second_driver_refuses_and_a_killed_one_resumes_to_exactly_the_budget(
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
     params = [tuple(sorted(trial.params.items())) for trial in study.trials]
     assert len(set(params)) == budget  # none ran twice
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    # Both URIs: an earlier search in this process set MLflow's default registry URI, which the client would take.
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
     experiment = client.get_experiment_by_name("safemerge")
     children = client.search_runs([experiment.experiment_id], filter_string="tags.`safemerge.role` = 'trial'")
     assert sorted(int(c.data.tags["safemerge.trial"]) for c in children) == list(range(budget))
@@ -309,4 +311,4 @@ def test_a_second_driver_refuses_and_a_killed_one_resumes_to_exactly_the_budget(
     summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
     front = {entry["trial"] for entry in summary["front"]}
     versions = [int(v.tags["trial"]) for v in client.search_model_versions(f"name = 'safemerge-{name}'")]
-    assert sorted(versions) == sorted(front), (versions, front)
+    assert sorted(versions) == sorted(front), (versions, front, resumed.stdout[-3000:], resumed.stderr[-3000:])
