@@ -209,8 +209,14 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchConfig:
-        if "slerp" in self.methods and len(self.models.experts) != 1:
-            raise ValueError("slerp merges two models: with several experts, drop slerp from methods")
+        from safemerge.merges.methods import METHODS
+
+        pairs = [method for method in self.methods if METHODS[method].max_models == 1]
+        if pairs and len(self.models.experts) != 1:
+            raise ValueError(
+                f"{', '.join(pairs)}: merges the aligned model with one expert; with several experts, drop "
+                f"{', '.join(pairs)} from methods"
+            )
         if self.sampler == "cmaes" and self.objectives.names() != ["combined"]:
             raise ValueError("sampler cmaes optimizes one scalar: set objectives to minimize: [combined]")
         if self.sampler != "cmaes" and "combined" in self.objectives.names() and len(self.objectives.names()) > 1:

@@ -11,12 +11,10 @@ from typing import Any
 
 import optuna
 
-from safemerge.merges.methods import sparsifies
+from safemerge.merges.methods import METHODS, Param, searched_params
 from safemerge.merges.recipe import per_layer, per_module
 from safemerge.search.config import ALIGNED_ROLE, BASE_ROLE, SearchConfig
 
-WEIGHT_RANGE = (0.0, 1.5)
-DENSITY_RANGE = (0.1, 1.0)
 MODULES = ("self_attn", "mlp", "other")
 
 
@@ -34,56 +32,69 @@ def coefficient(trial: optuna.Trial, name: str, low: float, high: float, config:
 
 
 def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -> dict:
-    """One merge recipe (a dict that merges.recipe.parse_recipe accepts) for this trial."""
-    method = trial.suggest_categorical("method", config.methods)
-    experts = list(config.models.experts)
+    """One merge recipe (a dict that merges.recipe.parse_recipe accepts) for this trial, built from the method's
+    row of the method table: its searched parameters (each with the table's range), its roles and its seed."""
+    name = trial.suggest_categorical("method", config.methods)
+    method = METHODS[name]
 
-    if method == "slerp":  # one path between the aligned model and the (single) expert
-        t = coefficient(trial, "slerp.t", 0.0, 1.0, config, num_layers)
-        return {
-            "merge_method": "slerp",
-            "base_model": ALIGNED_ROLE,
-            "parameters": {"t": t},
-            "models": [{"model": ALIGNED_ROLE}, {"model": experts[0]}],
-        }
+    def draw(param: Param, scope: str) -> Any:
+        assert param.search is not None
+        key, low, high = f"{name}.{scope}{param.name}", param.search.low, param.search.high
+        return (
+            coefficient(trial, key, low, high, config, num_layers)
+            if param.search.layered
+            else trial.suggest_float(key, low, high)
+        )
 
-    if method == "mergealign":  # base + lambda_domain * domain vectors + lambda_align * alignment vector
-        lambda_align = coefficient(trial, "mergealign.lambda_align", *WEIGHT_RANGE, config, num_layers)
-        lambda_domain = coefficient(trial, "mergealign.lambda_domain", *WEIGHT_RANGE, config, num_layers)
-        return {
-            "merge_method": "mergealign",
-            "base_model": BASE_ROLE,
-            "alignment_model": ALIGNED_ROLE,
-            "models": [{"model": ALIGNED_ROLE, "parameters": {"lambda_align": lambda_align}}]
-            + [{"model": expert, "parameters": {"lambda_domain": lambda_domain}} for expert in experts],
-        }
-
-    models = []
-    for model in config.models.merged_roles():
-        parameters = {"weight": coefficient(trial, f"{method}.{model}.weight", *WEIGHT_RANGE, config, num_layers)}
-        if sparsifies(method):
-            parameters["density"] = trial.suggest_float(f"{method}.{model}.density", *DENSITY_RANGE)
-        models.append({"model": model, "parameters": parameters})
-    return {"merge_method": method, "base_model": BASE_ROLE, "models": models, "seed": config.seed}
-
-
-# Each method's standard recipe, as mergekit's examples write it: every weight and lambda 1, density and t 0.5.
-STANDARD_VALUES = {"weight": 1.0, "density": 0.5, "t": 0.5, "lambda_align": 1.0, "lambda_domain": 1.0}
+    searched = searched_params(name)
+    recipe: dict[str, Any] = {"merge_method": name}
+    if method.max_models == 1:  # one path between the aligned model and the (single) expert
+        recipe["base_model"], roles = ALIGNED_ROLE, [ALIGNED_ROLE, next(iter(config.models.experts))]
+    else:
+        recipe["base_model"], roles = BASE_ROLE, list(config.models.merged_roles())
+    shared = {param.name: draw(param, "") for param in searched if not param.per_model}
+    if shared:
+        recipe["parameters"] = shared
+    if method.role_weights:  # one weight per role (the alignment vector's, the domain vectors'), not per model
+        recipe["alignment_model"] = ALIGNED_ROLE
+        by_role = {param.name: draw(param, "") for param in searched if param.per_model}
+        role_of = lambda model: "alignment" if model == ALIGNED_ROLE else "domain"  # noqa: E731
+        recipe["models"] = [
+            {
+                "model": model,
+                "parameters": {method.role_weights[role_of(model)]: by_role[method.role_weights[role_of(model)]]},
+            }
+            for model in roles
+        ]
+    else:
+        recipe["models"] = [
+            {"model": model}
+            if model == recipe["base_model"]
+            else {
+                "model": model,
+                "parameters": {param.name: draw(param, f"{model}.") for param in searched if param.per_model},
+            }
+            for model in roles
+        ]
+    if method.random:
+        recipe["seed"] = config.seed
+    return recipe
 
 
 class _StandardTrial:
-    """Answers the search space's suggestions with one method's standard values and records them, so the
-    warm-start points carry exactly the parameter names `suggest_recipe` asks for."""
+    """Answers the search space's suggestions with one method's standard values (the table's) and records them,
+    so the warm-start points carry exactly the parameter names `suggest_recipe` asks for."""
 
     def __init__(self, method: str) -> None:
         self.method, self.params = method, {}
+        self.standard = {param.name: param.search.standard for param in searched_params(method) if param.search}
 
     def suggest_categorical(self, name: str, choices: list) -> Any:
         self.params[name] = self.method
         return self.method
 
     def suggest_float(self, name: str, low: float, high: float) -> float:
-        value = next(STANDARD_VALUES[part] for part in name.split(".") if part in STANDARD_VALUES)
+        value = next(self.standard[part] for part in name.split(".")[1:] if part in self.standard)
         self.params[name] = min(max(value, low), high)
         return self.params[name]
 

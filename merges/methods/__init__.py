@@ -1,12 +1,13 @@
 """Every merge method as data: one generalized task-arithmetic kernel configured by a table of named methods, plus
 linear, slerp, nuslerp and model_stock, all matching mergekit's math tensor for tensor."""
 
-from safemerge.merges.methods.inputs import Param, TensorInputs, chunked_dot, chunked_l1, combine
+from safemerge.merges.methods.inputs import Param, SearchRange, TensorInputs, chunked_dot, chunked_l1, combine
 from safemerge.merges.methods.registry import (
     METHODS,
     TASK_ARITHMETIC_FAMILY,
     MergeMethod,
     searchable_methods,
+    searched_params,
     sparsifies,
 )
 from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification
@@ -19,6 +20,7 @@ __all__ = [
     "Consensus",
     "MergeMethod",
     "Param",
+    "SearchRange",
     "Sparsification",
     "TaskArithmetic",
     "TensorInputs",
@@ -26,5 +28,6 @@ __all__ = [
     "chunked_l1",
     "combine",
     "searchable_methods",
+    "searched_params",
     "sparsifies",
 ]

@@ -19,13 +19,32 @@ cpu_pool = ThreadPoolExecutor(max_workers=CPU_THREADS)
 
 
 @dataclass(frozen=True)
+class SearchRange:
+    """Where a search draws a parameter from: [low, high], per layer group and module filter (`layered`, a
+    gradient) or as one number, and its value in the method's standard recipe (the search's warm start)."""
+
+    low: float
+    high: float
+    standard: float
+    layered: bool = True
+
+
+# The ranges several methods share: a model's weight (a gradient), a sparsifier's kept share (one per model).
+WEIGHTS = SearchRange(0.0, 1.5, standard=1.0)
+DENSITIES = SearchRange(0.1, 1.0, standard=0.5, layered=False)
+INTERPOLATION = SearchRange(0.0, 1.0, standard=0.5)
+
+
+@dataclass(frozen=True)
 class Param:
-    """A method parameter: shared by all models of a tensor, or one value per model (per_model)."""
+    """A method parameter: shared by all models of a tensor, or one value per model (per_model); `search`, where
+    set, is the range a search draws it from (otherwise it keeps its default)."""
 
     name: str
     kind: type
     default: Any = None  # None: required
     per_model: bool = False
+    search: SearchRange | None = None
 
 
 class TensorStatistics(Protocol):

@@ -11,7 +11,7 @@ import torch
 
 from safemerge.errors import UserError
 from safemerge.merges.methods.elementwise import arcee_fusion, nearswap, ram, ramplus_tl, sce
-from safemerge.merges.methods.inputs import Param, TensorInputs
+from safemerge.merges.methods.inputs import INTERPOLATION, WEIGHTS, Param, SearchRange, TensorInputs
 from safemerge.merges.methods.interpolation import karcher, linear, model_stock, multislerp, nuslerp, slerp
 from safemerge.merges.methods.sparsify import Sparsification
 from safemerge.merges.methods.task_arithmetic import Consensus, TaskArithmetic
@@ -34,7 +34,9 @@ class MergeMethod:
     random: bool = False
     role_weights: dict[str, str] | None = field(default=None)
     sparsifying: bool = False  # drops elements of each task vector, keeping a per-model `density` share
-    searchable: bool = False  # a search may choose it (search/space.py builds its recipes)
+    # A search may choose it: search/space.py builds its recipes from this row (its Params' search ranges; a
+    # method of one model besides the base goes from the aligned model to the expert).
+    searchable: bool = False
     # Works on task vectors element by element (masks, sign votes), so they must be taken against the engine's
     # base, the one its store subtracts; the others combine whole models and take any held model as base_model.
     engine_base: bool = False
@@ -95,7 +97,7 @@ METHODS: dict[str, MergeMethod] = {
     for method in (
         MergeMethod(
             "linear",
-            (Param("weight", float, None, per_model=True), Param("normalize", bool, True)),
+            (Param("weight", float, None, per_model=True, search=WEIGHTS), Param("normalize", bool, True)),
             linear,
             base="input",
             mergekit_name="linear",
@@ -111,7 +113,7 @@ METHODS: dict[str, MergeMethod] = {
         _task_arithmetic("della_linear", TaskArithmetic(S.della, rescale=True), searchable=True),
         MergeMethod(
             "slerp",
-            (Param("t", float, None),),
+            (Param("t", float, None, search=INTERPOLATION),),
             slerp,
             min_models=1,
             max_models=1,
@@ -148,13 +150,14 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "multislerp",
             (
-                Param("weight", float, None, per_model=True),
+                Param("weight", float, None, per_model=True, search=WEIGHTS),
                 Param("normalize_weights", bool, True),
                 Param("eps", float, 1e-8),
             ),
             multislerp,
             base="optional",
             mergekit_name="multislerp",
+            searchable=True,
         ),
         MergeMethod(
             "karcher",
@@ -162,23 +165,43 @@ METHODS: dict[str, MergeMethod] = {
             karcher,
             base="input",
             mergekit_name="karcher",
+            searchable=True,
         ),
-        MergeMethod("nearswap", (Param("t", float, None),), nearswap, max_models=1, mergekit_name="nearswap"),
-        MergeMethod("arcee_fusion", (), arcee_fusion, max_models=1, mergekit_name="arcee_fusion"),
+        # nearswap's t is a distance between weights, not a share: mergekit's example uses 0.0001.
+        MergeMethod(
+            "nearswap",
+            (Param("t", float, None, search=SearchRange(0.0, 0.01, standard=0.0001)),),
+            nearswap,
+            max_models=1,
+            mergekit_name="nearswap",
+            searchable=True,
+        ),
+        MergeMethod("arcee_fusion", (), arcee_fusion, max_models=1, mergekit_name="arcee_fusion", searchable=True),
         MergeMethod(
             "sce",
-            (Param("int8_mask", bool, False), Param("select_topk", float, 1.0)),
+            (
+                Param("int8_mask", bool, False),
+                Param("select_topk", float, 1.0, search=SearchRange(0.1, 1.0, standard=1.0, layered=False)),
+            ),
             sce,
             mergekit_name="sce",
             engine_base=True,
+            searchable=True,
         ),
-        MergeMethod("ram", (Param("epsilon", float, 1e-5),), ram, mergekit_name="ram", engine_base=True),
+        MergeMethod(
+            "ram", (Param("epsilon", float, 1e-5),), ram, mergekit_name="ram", engine_base=True, searchable=True
+        ),
         MergeMethod(
             "ramplus_tl",
-            (Param("r", float, 0.1), Param("alpha", float, 0.2), Param("epsilon", float, 1e-5)),
+            (
+                Param("r", float, 0.1, search=SearchRange(0.0, 1.0, standard=0.1, layered=False)),
+                Param("alpha", float, 0.2, search=SearchRange(0.0, 1.0, standard=0.2, layered=False)),
+                Param("epsilon", float, 1e-5),
+            ),
             ramplus_tl,
             mergekit_name="ramplus_tl",
             engine_base=True,
+            searchable=True,
         ),
     )
 }
@@ -192,6 +215,11 @@ TASK_ARITHMETIC_FAMILY: dict[str, TaskArithmetic] = {
 def searchable_methods() -> tuple[str, ...]:
     """The methods a search may choose, in table order."""
     return tuple(name for name, method in METHODS.items() if method.searchable)
+
+
+def searched_params(method: str) -> tuple[Param, ...]:
+    """The parameters of `method` a search draws (the others keep their defaults), in table order."""
+    return tuple(param for param in METHODS[method].params if param.search is not None)
 
 
 def sparsifies(method: str) -> bool:

@@ -9,7 +9,7 @@ from enum import StrEnum
 
 import torch
 
-from safemerge.merges.methods.inputs import Param, TensorInputs, combine
+from safemerge.merges.methods.inputs import DENSITIES, WEIGHTS, Param, TensorInputs, combine
 from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification
 
 
@@ -32,14 +32,15 @@ class TaskArithmetic:
 
     def params(self) -> tuple[Param, ...]:
         if self.role_weights:
-            return tuple(Param(name, float, 1.0, per_model=True) for name in self.role_weights.values())
+            return tuple(Param(name, float, 1.0, per_model=True, search=WEIGHTS) for name in self.role_weights.values())
+        sparsifying = self.sparsification != Sparsification.none
         params = [
             Param("int8_mask", bool, False),  # mergekit's memory option; the result is the same either way
             Param("normalize", bool, self.normalize),
             Param("rescale", bool, self.rescale),
             Param("lambda", float, 1.0),
-            Param("weight", float, None, per_model=True),
-            Param("density", float, 1.0, per_model=True),
+            Param("weight", float, None, per_model=True, search=WEIGHTS),
+            Param("density", float, 1.0, per_model=True, search=DENSITIES if sparsifying else None),
         ]
         if self.sparsification == Sparsification.breadcrumbs:
             params.append(Param("gamma", float, 0.01, per_model=True))

@@ -60,7 +60,15 @@ def test_load_config_errors_name_the_file(tmp_path):
         ({"methods": []}, "methods: list at least one merge method"),
         (
             {"methods": ["slerp"], "models.experts": {"medical": "zoo:medical", "finance": "zoo:finance"}},
-            "(top level): slerp merges two models: with several experts, drop slerp from methods",
+            "(top level): slerp: merges the aligned model with one expert; with several experts, drop slerp from",
+        ),
+        (
+            {
+                "methods": ["ties", "nearswap", "arcee_fusion"],
+                "models.experts": {"medical": "zoo:m", "finance": "zoo:f"},
+            },
+            "(top level): nearswap, arcee_fusion: merges the aligned model with one expert; with several experts, drop "
+            "nearswap, arcee_fusion from methods",
         ),
         ({"sampler": "cmaes"}, "(top level): sampler cmaes optimizes one scalar: set objectives to minimize"),
         (

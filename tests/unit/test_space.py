@@ -7,14 +7,12 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from safemerge.merges.methods import searchable_methods, sparsifies
+from safemerge.merges.methods import searchable_methods, searched_params, sparsifies
 from safemerge.merges.recipe import parse_recipe
 from safemerge.search.samplers import SAMPLER_NAMES, make_sampler
 from safemerge.search.space import (
-    DENSITY_RANGE,
     GRID_DENSITIES,
     GRID_WEIGHTS,
-    WEIGHT_RANGE,
     grid_recipe,
     standard_points,
     suggest_recipe,
@@ -96,6 +94,8 @@ def test_the_same_seed_proposes_the_same_recipes_and_a_resumed_search_new_ones()
 def test_every_method_proposes_a_valid_recipe_with_its_own_parameters(method, layer_groups, module_filters):
     num_layers = 6
     config = make_config(methods=[method], layer_groups=layer_groups, module_filters=module_filters)
+    searched = {param.name: param for param in searched_params(method)}
+    layered = any(param.search.layered for param in searched.values())
     study = random_study()
     for _ in range(3):
         trial = study.ask()
@@ -104,19 +104,21 @@ def test_every_method_proposes_a_valid_recipe_with_its_own_parameters(method, la
         assert parsed.merge_method == method == trial.params["method"]
         names = set(trial.params) - {"method"}
         assert all(name.split(".")[0] == method for name in names)  # coefficients are conditional on the method
-        assert any(name.endswith(f".g{layer_groups - 1}") for name in names)
+        assert all(set(name.split(".")[1:]) & set(searched) for name in names)  # each names a searched parameter
+        assert any(name.endswith(f".g{layer_groups - 1}") for name in names) == layered
         assert not any(name.endswith(f".g{layer_groups}") for name in names)
-        assert any(".self_attn." in name for name in names) == module_filters
-        assert any(".mlp." in name for name in names) == module_filters
+        assert any(".self_attn." in name for name in names) == (module_filters and layered)
+        assert any(".mlp." in name for name in names) == (module_filters and layered)
         assert any(name.endswith(".density") for name in names) == sparsifies(method)
         for entry in recipe["models"]:
             assert ("density" in entry.get("parameters", {})) == sparsifies(method)
-        for entry in recipe["models"]:
-            parameters = entry.get("parameters", {})
-            assert all(WEIGHT_RANGE[0] <= value <= WEIGHT_RANGE[1] for value in leaves(parameters.get("weight", [])))
-            if "density" in parameters:
-                assert DENSITY_RANGE[0] <= parameters["density"] <= DENSITY_RANGE[1]
-        assert all(0.0 <= value <= 1.0 for value in leaves(recipe.get("parameters", {}).get("t", [])))
+        scopes = [recipe.get("parameters", {}), *(entry.get("parameters", {}) for entry in recipe["models"])]
+        found = {name for scope in scopes for name in scope}
+        assert found == set(searched), (method, found)  # every searched parameter reaches the recipe, no other
+        for scope in scopes:
+            for name, setting in scope.items():
+                search = searched[name].search
+                assert all(search.low <= value <= search.high for value in leaves(setting)), (method, name)
 
 
 def test_sparsifying_methods_get_one_density_per_model_and_plain_ones_none():
@@ -186,9 +188,6 @@ def test_mergealign_weighs_the_alignment_vector_and_the_domain_vectors_apart():
     ]
 
 
-STANDARD = {"weight": 1.0, "density": 0.5, "t": 0.5, "lambda_align": 1.0, "lambda_domain": 1.0}
-
-
 @pytest.mark.parametrize("module_filters", [False, True])
 def test_warm_start_points_reproduce_each_methods_standard_recipe(module_filters):
     methods = list(SEARCHABLE_METHODS)
@@ -204,12 +203,20 @@ def test_warm_start_points_reproduce_each_methods_standard_recipe(module_filters
         parse_recipe(recipe)
         assert trial.params == point  # the point names exactly what the space asks: nothing is sampled
         assert recipe["merge_method"] == point["method"]
+        standard = {param.name: param.search.standard for param in searched_params(point["method"])}
         scopes = [recipe.get("parameters", {}), *(entry.get("parameters", {}) for entry in recipe["models"])]
-        found = {name for scope in scopes for name in scope}
-        assert found, point["method"]
+        assert {name for scope in scopes for name in scope} == set(standard), point["method"]
         for scope in scopes:
             for name, setting in scope.items():
-                assert set(leaves(setting)) == {STANDARD[name]}, (point["method"], name)
+                assert set(leaves(setting)) == {standard[name]}, (point["method"], name)
+    # The familiar ones, as mergekit's examples write them: every weight and lambda 1, density and t 0.5.
+    assert {p.name: p.search.standard for m in ("ties", "slerp", "mergealign") for p in searched_params(m)} == {
+        "weight": 1.0,
+        "density": 0.5,
+        "t": 0.5,
+        "lambda_align": 1.0,
+        "lambda_domain": 1.0,
+    }
 
 
 def test_the_grid_sampler_covers_the_papers_density_by_weight_grid_with_ties():
