@@ -7,6 +7,7 @@ The worker's path: `engine.iter_merge(recipe)` yields each merged tensor as a ne
 (issue 13): at least 20x over mergekit-yaml for every method, printed as pass/fail.
 
 Run: .venv/bin/python benchmarks/merge_speed.py [--work DIR] [--trials 5] [--threads N] [--methods ties slerp]
+(default: every method of the method table that mergekit has under the same name).
 Prints a table and, as its last line, a JSON object.
 """
 
@@ -26,9 +27,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from safemerge.merges.methods import METHODS as METHOD_TABLE
 from safemerge.zoo.random_family import LlamaShape, write_random_family
 
-METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs_ties", "slerp")
+# Every method mergekit has under the same name (mergealign is its task_arithmetic with role weights).
+METHODS = tuple(name for name, row in METHOD_TABLE.items() if row.mergekit_name == name)
 SPEEDUP_TARGET = 20.0  # the worker's merge over mergekit-yaml end to end
 # Llama shape: 12 layers, hidden 768, MLP 2048, vocabulary 32000, untied lm_head: 134.2M parameters.
 SHAPE = LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000)
@@ -38,19 +41,23 @@ def build_family(work: Path) -> dict[str, Path]:
     return write_random_family(work, SHAPE, ("expert_a", "expert_b"))
 
 
+# The values the benchmark merges with, where a method takes them: per model, then shared (a gradient for t).
+PER_MODEL = {"weight": 0.6, "density": 0.5, "epsilon": 0.1, "gamma": 0.01}
+SHARED = {"t": [0.2, 0.8], "select_topk": 0.5}
+SHARED_BY_METHOD = {"nearswap": {"t": 0.001}}  # nearswap's t is a distance between weights, not a share
+
+
 def recipe_for(method: str, folders: dict[str, Path]) -> dict:
+    """A recipe of `method` from its row of the method table: one expert where it takes one, else two."""
+    row = METHOD_TABLE[method]
     base, expert_a, expert_b = (str(folders[name]) for name in ("base", "expert_a", "expert_b"))
-    if method == "slerp":
-        models = [{"model": expert_a}]
-        parameters = {"t": [0.2, 0.8]}
-    else:
-        per_model = {"weight": 0.6} if method == "task_arithmetic" else {"weight": 0.6, "density": 0.5}
-        if method == "della":
-            per_model["epsilon"] = 0.1
-        if method == "breadcrumbs_ties":
-            per_model["gamma"] = 0.01
-        models = [{"model": expert_a, "parameters": per_model}, {"model": expert_b, "parameters": per_model}]
-        parameters = {}
+    per_model = {p.name: PER_MODEL[p.name] for p in row.params if p.per_model and p.name in PER_MODEL}
+    shared = {**SHARED, **SHARED_BY_METHOD.get(method, {})}
+    parameters = {p.name: shared[p.name] for p in row.params if not p.per_model and p.name in shared}
+    experts = [expert_a] if row.max_models == 1 else [expert_a, expert_b]
+    models = [{"model": model, **({"parameters": per_model} if per_model else {})} for model in experts]
+    if row.max_models == 1:
+        models.insert(0, {"model": base})  # as mergekit's examples list the pair
     return {"merge_method": method, "base_model": base, "models": models, "parameters": parameters, "dtype": "float32"}
 
 
@@ -153,7 +160,7 @@ def main() -> None:
             check=True,
         ).stdout
         ours = json.loads(output.strip().splitlines()[-1])
-        inputs = 2 if method == "slerp" else 3  # base + experts read once, the output written once
+        inputs = 2 if METHOD_TABLE[method].max_models == 1 else 3  # base + experts read once, output written once
         floor_s = (inputs + 1) * parameters * 4 / bandwidth
         speedup = mergekit_s / ours["trial_s"]
         results[method] = {

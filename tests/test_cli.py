@@ -82,3 +82,28 @@ def test_data_generate_writes_then_reuses(tmp_path):
     other = run("data", "generate", "--out", str(out), "--seed", "4", "--reuse")
     assert other.returncode == 0 and "data written" in other.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folders left over
+
+
+@pytest.mark.parametrize(
+    "method, models, parameters, fragments",
+    [
+        ("nearswap", ["aligned", "medical"], {"t": 0.001}, ["nearswap merges exactly 1 model(s)", "list exactly 1"]),
+        ("arcee_fusion", ["aligned", "medical"], {}, ["arcee_fusion merges exactly 1 model(s)", "under models"]),
+        ("ramplus_tl", ["aligned", "medical"], {"alhpa": 0.1}, ["unknown parameter 'alhpa'", "alpha, epsilon, r"]),
+        ("sce", ["aligned", "medical"], {"select_topk": "half"}, ["select_topk"]),
+        ("karcher", ["aligned"], {"max_iter": 2.5}, ["max_iter"]),
+    ],
+)
+def test_bad_input_to_a_new_method_is_a_one_line_error(tmp_path, zoo_dir, method, models, parameters, fragments):
+    import yaml
+
+    recipe = {
+        "merge_method": method,
+        "base_model": str(zoo_dir / "base"),
+        "models": [{"model": str(zoo_dir / model)} for model in models],
+        "parameters": parameters,
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("merge", str(tmp_path / "recipe.yaml"), str(tmp_path / "out"))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()

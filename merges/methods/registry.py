@@ -58,7 +58,10 @@ class MergeMethod:
             wanted = (
                 f"exactly {self.min_models}" if self.min_models == self.max_models else f"at least {self.min_models}"
             )
-            raise UserError(f"{source}: {self.name} merges {wanted} model(s) besides the base, got {len(others)}")
+            raise UserError(
+                f"{source}: {self.name} merges {wanted} model(s) besides the base, got {len(others)}; list "
+                f"{wanted} under models (besides base_model)"
+            )
         if self.role_weights:
             if recipe.alignment_model not in others:
                 raise UserError(
