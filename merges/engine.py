@@ -29,7 +29,7 @@ from safemerge.merges.methods import (
 )
 from safemerge.merges.methods.inputs import chunk_gram_along, cpu_pool
 from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
-from safemerge.merges.recipe import Recipe, check_recipe, layer_position, resolve_parameter
+from safemerge.merges.recipe import Recipe, check_recipe, layer_position, lowered, resolve_parameter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -245,6 +245,7 @@ class MergeEngine:
 
     def plan(self, recipe: Recipe) -> list[TensorPlan]:
         check_recipe(recipe)
+        recipe = lowered(recipe)
         method = METHODS[recipe.merge_method]
         known = set(self.basis)
         for model in [entry.model for entry in recipe.models] + [recipe.base_model]:
@@ -351,6 +352,7 @@ class MergeEngine:
         With `out`, each result is written into out[name] (for example a previous merge's tensors) instead.
         """
         plans = self.plan(recipe)  # all validation happens here, before the first tensor is computed
+        recipe = lowered(recipe)
         method = METHODS[recipe.merge_method]
         out_dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
         for plan in plans:

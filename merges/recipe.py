@@ -122,6 +122,12 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
     method.check_roles(recipe, source)
 
 
+def lowered(recipe: Recipe) -> Recipe:
+    """The recipe as the method it is defined by (safety_vector: a dare_linear), or itself."""
+    method = METHODS[recipe.merge_method]
+    return method.lower(recipe) if method.lower is not None else recipe
+
+
 # Parameter resolution: mergekit's rules, so a YAML means the same tensors in both tools.
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -263,6 +269,7 @@ def _chain(first: Any, fallback: Any) -> Any:
 def to_mergekit(recipe: Recipe, model_paths: Mapping[str, str] | None = None) -> dict:
     """The mergekit configuration that `mergekit-yaml` turns into the same tensors as this recipe."""
     check_recipe(recipe)
+    recipe = lowered(recipe)
     paths = dict(model_paths or {})
     method = METHODS[recipe.merge_method]
     config: dict[str, Any] = {"merge_method": method.mergekit_name}

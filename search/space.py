@@ -55,8 +55,9 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
     shared = {param.name: draw(param, "") for param in searched if not param.per_model}
     if shared:
         recipe["parameters"] = shared
-    if method.role_weights:  # one weight per role (the alignment vector's, the domain vectors'), not per model
+    if method.role_weights or method.needs_alignment:
         recipe["alignment_model"] = ALIGNED_ROLE
+    if method.role_weights:  # one weight per role (the alignment vector's, the domain vectors'), not per model
         by_role = {param.name: draw(param, "") for param in searched if param.per_model}
         role_of = lambda model: "alignment" if model == ALIGNED_ROLE else "domain"  # noqa: E731
         recipe["models"] = [

@@ -242,6 +242,19 @@ def export_cases(num_layers: int) -> dict[str, Recipe]:
                 "parameters": {"lambda_domain": 0.5},
             }
         ),
+        # RESTA's safety vector, exported as mergekit's dare_linear; at density 1 the DARE keeps every element.
+        "export_safety_vector": parse_recipe(
+            {
+                "merge_method": "safety_vector",
+                "base_model": "base",
+                "alignment_model": "aligned",
+                "models": [{"model": "aligned"}, {"model": "medical"}],
+                "parameters": {
+                    "lambda_safety": _dump(per_module(per_layer([0.3, 1.2], num_layers), 0.8, 0.5)),
+                    "density": 1.0,
+                },
+            }
+        ),
         # The search's SLERP runs from the aligned model to an expert: a base other than the engine's.
         "export_slerp_aligned_to_medical": parse_recipe(
             {
@@ -408,3 +421,29 @@ def test_mergealign_is_base_plus_weighted_domain_and_alignment_vectors(engine):
                 + finance_lambda * vectors["finance"]
             )
             torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_safety_vector_adds_a_dare_sparsified_alignment_vector_to_the_expert(engine):
+    """safety_vector by its formula (RESTA): expert + lambda_safety * DARE(aligned - base), the kept elements
+    rescaled by one factor per tensor, the expert's task vector as it is."""
+    recipe = parse_recipe(
+        {
+            "merge_method": "safety_vector",
+            "base_model": "base",
+            "alignment_model": "aligned",
+            "models": [{"model": "aligned"}, {"model": "medical"}],
+            "parameters": {"lambda_safety": 0.7, "density": 0.4},
+            "seed": 5,
+        }
+    )
+    merged = engine.merge(recipe)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        alignment = engine.task_vector("aligned", name)
+        residual = merged[name] - engine.base_tensor(name) - engine.task_vector("medical", name)
+        kept, changed = residual.abs() > 1e-7, alignment.abs() > 1e-7  # (the zoo leaves unused tokens' rows)
+        assert 0.35 < float((kept & changed).sum() / changed.sum()) < 0.45, name  # about `density` of them
+        # One factor on every kept element: lambda times DARE's rescale (an L1 ratio, near 1 / density).
+        factor = float((residual[kept] / alignment[kept]).median())
+        torch.testing.assert_close(residual[kept], factor * alignment[kept], rtol=1e-4, atol=1e-7)
+        assert 0.7 / 0.4 * 0.8 < factor < 0.7 / 0.4 * 1.2, name
+        assert float(residual[~kept].abs().max()) < 1e-6

@@ -33,13 +33,16 @@ class MergeMethod:
     mergekit_name: str = ""
     random: bool = False
     role_weights: dict[str, str] | None = field(default=None)
-    sparsifying: bool = False  # drops elements of each task vector, keeping a per-model `density` share
     # A search may choose it: search/space.py builds its recipes from this row (its Params' search ranges; a
     # method of one model besides the base goes from the aligned model to the expert).
     searchable: bool = False
     # Works on task vectors element by element (masks, sign votes), so they must be taken against the engine's
     # base, the one its store subtracts; the others combine whole models and take any held model as base_model.
     engine_base: bool = False
+    # Needs alignment_model (the model whose task vector is the alignment vector) without role weights.
+    needs_alignment: bool = False
+    # A method defined as a recipe of another method (safety_vector: a dare_linear): merged and exported as that.
+    lower: Callable[[Recipe], Recipe] | None = None
 
     def inputs(self, recipe: Recipe) -> list[str]:
         """The models the kernel mixes, in recipe order (the base only where it is a weighted input)."""
@@ -62,14 +65,16 @@ class MergeMethod:
                 f"{source}: {self.name} merges {wanted} model(s) besides the base, got {len(others)}; list "
                 f"{wanted} under models (besides base_model)"
             )
-        if self.role_weights:
+        if self.role_weights or self.needs_alignment:
             if recipe.alignment_model not in others:
                 raise UserError(
                     f"{source}: {self.name} needs alignment_model set to one of the models ({', '.join(others)}); "
                     "its task vector is the alignment vector"
                 )
         elif recipe.alignment_model is not None:
-            raise UserError(f"{source}: alignment_model applies to mergealign only; remove it for {self.name}")
+            raise UserError(
+                f"{source}: alignment_model applies to mergealign and safety_vector only; remove it for {self.name}"
+            )
 
     def role(self, recipe: Recipe, model: str) -> str:
         return "alignment" if model == recipe.alignment_model else "domain"
@@ -87,7 +92,6 @@ def _task_arithmetic(
         mergekit_name=mergekit_name or name,
         random=row.sparsification in (Sparsification.random, Sparsification.della),
         role_weights=row.role_weights,
-        sparsifying=row.sparsification != Sparsification.none,
         searchable=searchable,
         engine_base=row.sparsification != Sparsification.none or row.consensus != Consensus.none,
     )
@@ -209,6 +213,40 @@ METHODS: dict[str, MergeMethod] = {
     )
 }
 
+
+def _safety_vector_as_dare_linear(recipe: Recipe) -> Recipe:
+    """RESTA's safety vector as a dare_linear: each expert at weight 1 and density 1 (its task vector as it is),
+    the alignment model at weight lambda_safety and `density` (DARE on aligned - base, rescaled)."""
+    from safemerge.merges.recipe import ModelEntry
+
+    safety = {"weight": recipe.parameters.get("lambda_safety", 1.0), "density": recipe.parameters.get("density", 0.5)}
+    models = [
+        ModelEntry(model=entry.model, parameters=safety if entry.model == recipe.alignment_model else EXPERT_AS_IS)
+        for entry in recipe.models
+        if entry.model != recipe.base_model
+    ]
+    return recipe.model_copy(
+        update={"merge_method": "dare_linear", "models": models, "parameters": {}, "alignment_model": None}
+    )
+
+
+EXPERT_AS_IS = {"weight": 1.0, "density": 1.0}
+METHODS["safety_vector"] = MergeMethod(
+    "safety_vector",
+    (
+        Param("lambda_safety", float, 1.0, search=WEIGHTS),
+        Param("density", float, 0.5, search=SearchRange(0.1, 1.0, standard=0.5, layered=False)),
+    ),
+    METHODS["dare_linear"].kernel,
+    mergekit_name="dare_linear",
+    random=True,
+    searchable=True,
+    engine_base=True,
+    needs_alignment=True,
+    min_models=2,
+    lower=_safety_vector_as_dare_linear,
+)
+
 # The rows of the generalized kernel, by method name (the engine builds their sparsification tables).
 TASK_ARITHMETIC_FAMILY: dict[str, TaskArithmetic] = {
     name: method.kernel for name, method in METHODS.items() if isinstance(method.kernel, TaskArithmetic)
@@ -226,7 +264,6 @@ def searched_params(method: str) -> tuple[Param, ...]:
 
 
 def sparsifies(method: str) -> bool:
-    """Whether `method` sparsifies its task vectors, i.e. takes a per-model `density` worth searching (False for
-    a name that is not a method)."""
-    entry = METHODS.get(method)
-    return entry is not None and entry.sparsifying
+    """Whether a search draws a per-model `density` for `method` (its task vectors sparsified model by model;
+    False for a name that is not a method)."""
+    return method in METHODS and any(p.name == "density" and p.per_model for p in searched_params(method))

@@ -144,7 +144,7 @@ TWO_PLAIN_MODELS = [{"model": "aligned"}, {"model": "medical"}]
             "a model is listed twice in models",
         ),
         ({"dtype": "int4"}, "dtype 'int4' is not supported"),
-        ({"alignment_model": "aligned"}, "alignment_model applies to mergealign only"),
+        ({"alignment_model": "aligned"}, "alignment_model applies to mergealign and safety_vector only"),
         (
             {"merge_method": "slerp", "parameters": {"t": 0.5}, "models": TWO_PLAIN_MODELS},
             "slerp merges exactly 1 model(s) besides the base, got 2",
