@@ -29,7 +29,7 @@ from safemerge.merges.methods import (
 )
 from safemerge.merges.methods.inputs import chunk_gram_along, cpu_pool
 from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
-from safemerge.merges.recipe import Recipe, check_recipe, layer_position, lowered, resolve_parameter
+from safemerge.merges.recipe import Recipe, check_recipe, layer_index, layer_position, lowered, resolve_parameter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -228,6 +228,17 @@ class MergeEngine:
         """The base's tensor `name` in fp32 (a new tensor: for reports and tests, not the merge path)."""
         return self.store[name][0].to(self.device, torch.float32)
 
+    def layer_cosines(self, model_a: str, model_b: str) -> list[float]:
+        """Per layer, the cosine between the two models' task vectors over all of the layer's tensors (from the
+        per-tensor grams computed at load: no pass over the weights)."""
+        a, b = self.basis.index(model_a), self.basis.index(model_b)
+        grams = [torch.zeros(len(self.basis), len(self.basis), dtype=torch.float64) for _ in range(self.num_layers)]
+        for name in self.float_names:
+            layer = layer_index(name)
+            if layer is not None and layer < self.num_layers:
+                grams[layer] += self.gram[name].to(torch.float64)
+        return [float(g[a, b]) / max(math.sqrt(float(g[a, a]) * float(g[b, b])), 1e-30) for g in grams]
+
     def task_vector(self, model: str, name: str) -> torch.Tensor:
         """Model `model`'s task vector of tensor `name` in fp32 (a new tensor: for reports and tests)."""
         held = self.store[name]
@@ -245,7 +256,7 @@ class MergeEngine:
 
     def plan(self, recipe: Recipe) -> list[TensorPlan]:
         check_recipe(recipe)
-        recipe = lowered(recipe)
+        recipe = lowered(recipe, self.layer_cosines)
         method = METHODS[recipe.merge_method]
         known = set(self.basis)
         for model in [entry.model for entry in recipe.models] + [recipe.base_model]:
@@ -352,7 +363,7 @@ class MergeEngine:
         With `out`, each result is written into out[name] (for example a previous merge's tensors) instead.
         """
         plans = self.plan(recipe)  # all validation happens here, before the first tensor is computed
-        recipe = lowered(recipe)
+        recipe = lowered(recipe, self.layer_cosines)
         method = METHODS[recipe.merge_method]
         out_dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
         for plan in plans:
@@ -446,7 +457,7 @@ class MergeEngine:
             shard_size=shard_size,
             dtype=dtype,
             force=force,
-            extra_files={"mergekit_config.yml": to_mergekit_yaml(recipe, paths)},
+            extra_files={"mergekit_config.yml": to_mergekit_yaml(recipe, paths, self.layer_cosines)},
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -122,10 +122,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
     method.check_roles(recipe, source)
 
 
-def lowered(recipe: Recipe) -> Recipe:
-    """The recipe as the method it is defined by (safety_vector: a dare_linear), or itself."""
+def lowered(recipe: Recipe, layer_cosines: Callable[[str, str], list[float]] | None = None) -> Recipe:
+    """The recipe as the method it is defined by (safety_vector: a dare_linear), or itself; `layer_cosines` (the
+    engine's) for a method that reads the models' weights (selective_layers)."""
     method = METHODS[recipe.merge_method]
-    return method.lower(recipe) if method.lower is not None else recipe
+    return method.lower(recipe, layer_cosines) if method.lower is not None else recipe
 
 
 # Parameter resolution: mergekit's rules, so a YAML means the same tensors in both tools.
@@ -266,10 +267,14 @@ def _chain(first: Any, fallback: Any) -> Any:
     return first
 
 
-def to_mergekit(recipe: Recipe, model_paths: Mapping[str, str] | None = None) -> dict:
+def to_mergekit(
+    recipe: Recipe,
+    model_paths: Mapping[str, str] | None = None,
+    layer_cosines: Callable[[str, str], list[float]] | None = None,
+) -> dict:
     """The mergekit configuration that `mergekit-yaml` turns into the same tensors as this recipe."""
     check_recipe(recipe)
-    recipe = lowered(recipe)
+    recipe = lowered(recipe, layer_cosines)
     paths = dict(model_paths or {})
     method = METHODS[recipe.merge_method]
     config: dict[str, Any] = {"merge_method": method.mergekit_name}
@@ -305,8 +310,12 @@ def to_mergekit(recipe: Recipe, model_paths: Mapping[str, str] | None = None) ->
     return config
 
 
-def to_mergekit_yaml(recipe: Recipe, model_paths: Mapping[str, str] | None = None) -> str:
-    text = yaml.safe_dump(to_mergekit(recipe, model_paths), sort_keys=False)
+def to_mergekit_yaml(
+    recipe: Recipe,
+    model_paths: Mapping[str, str] | None = None,
+    layer_cosines: Callable[[str, str], list[float]] | None = None,
+) -> str:
+    text = yaml.safe_dump(to_mergekit(recipe, model_paths, layer_cosines), sort_keys=False)
     if METHODS[recipe.merge_method].random:
         text = f"# random method: pass --random-seed to mergekit-yaml (safemerge seed {recipe.seed})\n" + text
     return text

@@ -211,7 +211,8 @@ class SearchConfig(_Strict):
     def _consistent(self) -> SearchConfig:
         from safemerge.merges.methods import METHODS
 
-        pairs = [method for method in self.methods if METHODS[method].max_models == 1]
+        # (a method with a model limit is searched as the aligned model and one expert)
+        pairs = [method for method in self.methods if METHODS[method].max_models is not None]
         if pairs and len(self.models.experts) != 1:
             raise ValueError(
                 f"{', '.join(pairs)}: merges the aligned model with one expert; with several experts, drop "

@@ -13,7 +13,6 @@ import ray
 
 from safemerge.errors import UserError
 from safemerge.files import atomic_output_dir, write_json_atomic
-from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
 from safemerge.search.config import SearchConfig
 from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
 from safemerge.search.lease import DriverLease
@@ -83,12 +82,11 @@ def finalize_search(
         )
         table, similarity_metrics = ray.get(workers[0].similarity.remote(config.layer_groups))
         (artifacts / "similarity.txt").write_text(table + "\n")
-        model_paths = ray.get(workers[0].model_paths.remote())
         (artifacts / "recipes").mkdir()
-        for number, recipe in recipes.items():
-            (artifacts / "recipes" / f"trial-{number}.yaml").write_text(
-                to_mergekit_yaml(parse_recipe(recipe), model_paths)
-            )
+        numbers = list(recipes)
+        texts = ray.get([workers[i % len(workers)].mergekit_yaml.remote(recipes[n]) for i, n in enumerate(numbers)])
+        for number, text in zip(numbers, texts, strict=True):
+            (artifacts / "recipes" / f"trial-{number}.yaml").write_text(text)
 
     earlier = {
         entry["trial"]: entry

@@ -19,7 +19,7 @@ from safemerge.evaluators.directions import reported_metrics
 from safemerge.evaluators.generation import VLLMGenerator, fatal_engine_error, open_backend
 from safemerge.evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
 from safemerge.merges.engine import MergeEngine
-from safemerge.merges.recipe import Recipe, parse_recipe
+from safemerge.merges.recipe import Recipe, parse_recipe, to_mergekit_yaml
 from safemerge.search.config import BASE_ROLE, SearchConfig
 from safemerge.search.plan import check_plan, plan_worker
 
@@ -168,6 +168,12 @@ class TrialWorker:
         return format_report(similarity_report(self.merge_engine, groups)), similarity_metrics(
             self.merge_engine, groups
         )
+
+    def mergekit_yaml(self, recipe: dict) -> str:
+        """The recipe as mergekit YAML over the model folders (a method that reads the weights is resolved by the
+        engine: selective_layers' layers)."""
+        paths = self.model_paths()
+        return to_mergekit_yaml(parse_recipe(recipe, source="recipe"), paths, self.merge_engine.layer_cosines)
 
     def model_paths(self) -> dict[str, str]:
         return {name: str(path) for name, path in self.folders.items()}

@@ -447,3 +447,34 @@ def test_safety_vector_adds_a_dare_sparsified_alignment_vector_to_the_expert(eng
         torch.testing.assert_close(residual[kept], factor * alignment[kept], rtol=1e-4, atol=1e-7)
         assert 0.7 / 0.4 * 0.8 < factor < 0.7 / 0.4 * 1.2, name
         assert float(residual[~kept].abs().max()) < 1e-6
+
+
+def test_selective_layers_moves_only_the_layers_that_drift_from_the_alignment_vector(engine, zoo_dir, tmp_path):
+    """selective_layers by its rule (SafeMERGE from weights): the layers whose medical task vector has a cosine
+    under the threshold with the alignment vector take medical + mix * (aligned - medical), the others and the
+    tensors outside the layers stay medical's; its mergekit export (task_arithmetic) merges to the same tensors."""
+    cosines = engine.layer_cosines("medical", "aligned")
+    ordered = sorted(cosines)
+    threshold = (ordered[1] + ordered[2]) / 2  # (from this zoo's cosines: two layers selected, the others not)
+    recipe = parse_recipe(
+        {
+            "merge_method": "selective_layers",
+            "base_model": "base",
+            "alignment_model": "aligned",
+            "models": [{"model": "aligned"}, {"model": "medical"}],
+            "parameters": {"threshold": threshold, "mix": 0.6},
+        }
+    )
+    merged = engine.merge(recipe)
+    for name, tensor in merged.items():
+        layer = next((i for i in range(engine.num_layers) if f"layers.{i}." in name), None)
+        medical = engine.base_tensor(name) + engine.task_vector("medical", name)
+        aligned = engine.base_tensor(name) + engine.task_vector("aligned", name)
+        expected = medical + 0.6 * (aligned - medical) if layer is not None and cosines[layer] < threshold else medical
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    paths = {name: str(zoo_dir / name) for name in ("base", *EXPERTS)}
+    (tmp_path / "selective.yaml").write_text(to_mergekit_yaml(recipe, paths, engine.layer_cosines))
+    run_mergekit(tmp_path / "selective.yaml", tmp_path / "mergekit")
+    assert_same_tensors(merged, read_model(tmp_path / "mergekit"), {})
+    with pytest.raises(UserError, match="safemerge merge"):  # without the weights the layers are unknown
+        to_mergekit_yaml(recipe, paths)

@@ -41,8 +41,10 @@ class MergeMethod:
     engine_base: bool = False
     # Needs alignment_model (the model whose task vector is the alignment vector) without role weights.
     needs_alignment: bool = False
-    # A method defined as a recipe of another method (safety_vector: a dare_linear): merged and exported as that.
-    lower: Callable[[Recipe], Recipe] | None = None
+    # A method defined as a recipe of another method (safety_vector: a dare_linear), merged and exported as that;
+    # called with the recipe and, where the models are at hand, layer_cosines(model_a, model_b): the cosine of
+    # their task vectors per layer (None without the models).
+    lower: Callable[[Recipe, LayerCosines | None], Recipe] | None = None
 
     def inputs(self, recipe: Recipe) -> list[str]:
         """The models the kernel mixes, in recipe order (the base only where it is a weighted input)."""
@@ -214,7 +216,10 @@ METHODS: dict[str, MergeMethod] = {
 }
 
 
-def _safety_vector_as_dare_linear(recipe: Recipe) -> Recipe:
+LayerCosines = Callable[[str, str], list[float]]
+
+
+def _safety_vector_as_dare_linear(recipe: Recipe, layer_cosines: LayerCosines | None = None) -> Recipe:
     """RESTA's safety vector as a dare_linear: each expert at weight 1 and density 1 (its task vector as it is),
     the alignment model at weight lambda_safety and `density` (DARE on aligned - base, rescaled)."""
     from safemerge.merges.recipe import ModelEntry
@@ -245,6 +250,54 @@ METHODS["safety_vector"] = MergeMethod(
     needs_alignment=True,
     min_models=2,
     lower=_safety_vector_as_dare_linear,
+)
+
+
+def _selective_layers_as_task_arithmetic(recipe: Recipe, layer_cosines: LayerCosines | None) -> Recipe:
+    """SafeMERGE from weights: a layer whose expert task vector has a cosine under `threshold` with the alignment
+    vector takes expert + mix * (aligned - expert); the other layers and the tensors outside the layers keep the
+    expert's. As a task_arithmetic with per-layer weights (expert 1 - mix, aligned mix in the selected layers)."""
+    from safemerge.merges.recipe import ModelEntry
+
+    if layer_cosines is None:
+        raise UserError(
+            "selective_layers chooses its layers from the models' weights; merge it with `safemerge merge` (the "
+            "output folder's mergekit_config.yml is its export), not `safemerge export`"
+        )
+    (expert,) = [e.model for e in recipe.models if e.model not in (recipe.base_model, recipe.alignment_model)]
+    threshold = recipe.parameters.get("threshold", 0.0)
+    mix = recipe.parameters.get("mix", 0.5)
+    if not all(isinstance(value, int | float) for value in (threshold, mix)):
+        raise UserError("selective_layers: threshold and mix are one number each (the rule is per layer already)")
+    selected = [cosine < threshold for cosine in layer_cosines(expert, recipe.alignment_model)]
+
+    def in_layers(values: list[float], outside: float) -> list[dict]:  # mergekit: a per-layer list, filtered
+        return [{"filter": "layers.", "value": values}, {"value": outside}]
+
+    weights = {
+        expert: in_layers([1.0 - mix if chosen else 1.0 for chosen in selected], 1.0),
+        recipe.alignment_model: in_layers([mix if chosen else 0.0 for chosen in selected], 0.0),
+    }
+    models = [ModelEntry(model=model, parameters={"weight": weight}) for model, weight in weights.items()]
+    return recipe.model_copy(
+        update={"merge_method": "task_arithmetic", "models": models, "parameters": {}, "alignment_model": None}
+    )
+
+
+METHODS["selective_layers"] = MergeMethod(
+    "selective_layers",
+    (
+        Param("threshold", float, 0.0, search=SearchRange(-0.2, 0.4, standard=0.0, layered=False)),
+        Param("mix", float, 0.5, search=SearchRange(0.0, 1.0, standard=0.5, layered=False)),
+    ),
+    METHODS["task_arithmetic"].kernel,
+    mergekit_name="task_arithmetic",
+    searchable=True,
+    engine_base=True,
+    needs_alignment=True,
+    min_models=2,
+    max_models=2,
+    lower=_selective_layers_as_task_arithmetic,
 )
 
 # The rows of the generalized kernel, by method name (the engine builds their sparsification tables).
