@@ -27,12 +27,19 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     from safemerge.files import check_output_dir
     from safemerge.merges.engine import MergeEngine
     from safemerge.merges.output import parse_size
+    from safemerge.merges.passthrough import is_passthrough, merge_slices, parse_slices
     from safemerge.merges.recipe import from_mergekit_yaml
 
     if not args.config.is_file():
         raise UserError(f"CONFIG {args.config} does not exist; pass a mergekit YAML file")
     shard_size = parse_size(args.shard_size)
     check_output_dir(args.out_dir, args.force, option="OUT_DIR")
+    data = _read_yaml(args.config, "CONFIG")
+    if is_passthrough(data):
+        stacked = parse_slices(data, source=str(args.config))
+        merge_slices(stacked, args.out_dir, shard_size=shard_size, force=args.force)
+        print(f"stacked {len(stacked.slices)} slice(s) (passthrough) -> {args.out_dir}")
+        return
     recipe = from_mergekit_yaml(args.config.read_text(), source=str(args.config))
     if args.seed is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
@@ -57,17 +64,24 @@ def _parse_paths(pairs: list[str]) -> dict[str, str]:
     return paths
 
 
+def _read_yaml(path: Path, what: str) -> object:
+    try:
+        return yaml.safe_load(path.read_text())  # JSON is YAML too
+    except yaml.YAMLError as error:
+        raise UserError(f"{what} {path} is not valid YAML or JSON ({error}); fix the file") from None
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
+    from safemerge.merges.passthrough import is_passthrough, parse_slices, slices_yaml
     from safemerge.merges.recipe import parse_recipe, to_mergekit_yaml
 
     if not args.recipe.is_file():
         raise UserError(f"RECIPE {args.recipe} does not exist; pass a recipe file (YAML or JSON)")
-    try:
-        data = yaml.safe_load(args.recipe.read_text())  # JSON is YAML too
-    except yaml.YAMLError as error:
-        raise UserError(f"RECIPE {args.recipe} is not valid YAML or JSON ({error}); fix the file") from None
-    recipe = parse_recipe(data, source=str(args.recipe))
-    text = to_mergekit_yaml(recipe, _parse_paths(args.path))
+    data = _read_yaml(args.recipe, "RECIPE")
+    if is_passthrough(data):
+        text = slices_yaml(parse_slices(data, source=str(args.recipe)))
+    else:
+        text = to_mergekit_yaml(parse_recipe(data, source=str(args.recipe)), _parse_paths(args.path))
     if args.out is None:
         sys.stdout.write(text)
         return

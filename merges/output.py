@@ -48,6 +48,7 @@ def write_model_folder(
     dtype: str | None = None,
     force: bool = False,
     extra_files: Mapping[str, str] | None = None,
+    config_updates: Mapping[str, object] | None = None,
 ) -> Path:
     """Stream tensors into shards of at most `shard_size` bytes (a tensor is never split); one shard is
     model.safetensors, several are model-0000i-of-0000n.safetensors with model.safetensors.index.json."""
@@ -88,6 +89,7 @@ def write_model_folder(
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n")
 
         config = json.loads((config_folder / "config.json").read_text())
+        config.update(config_updates or {})
         if dtype is not None:
             for key in ("dtype", "torch_dtype"):
                 if key in config or key == "dtype":

@@ -202,7 +202,11 @@ class SearchConfig(_Strict):
         from safemerge.merges.methods import searchable_methods
 
         searchable = searchable_methods()
+        from safemerge.merges.passthrough import PASSTHROUGH, UNSEARCHABLE
+
         for method in methods:
+            if method == PASSTHROUGH:
+                raise ValueError(UNSEARCHABLE)
             if method not in searchable:
                 raise ValueError(f"unknown or unsearchable method {method!r}; use some of {list(searchable)}")
         return methods

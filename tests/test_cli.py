@@ -107,3 +107,27 @@ def test_bad_input_to_a_new_method_is_a_one_line_error(tmp_path, zoo_dir, method
     result = run("merge", str(tmp_path / "recipe.yaml"), str(tmp_path / "out"))
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "slices, fragments",
+    [
+        ([[("base", [0, 2]), ("medical", [0, 2])]], ["slices[0] has 2 sources", "one per slice"]),
+        ([[("base", [0, 2])], [("medical", [2, 9])]], ["slices[1]", "reaches past", "end it at 4"]),
+        ([[("base", [3, 1])]], ["slices[0]", "layer_range [3, 1]"]),
+    ],
+)
+def test_bad_passthrough_slices_are_a_one_line_error(tmp_path, zoo_dir, slices, fragments):
+    import yaml
+
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(zoo_dir / model), "layer_range": span} for model, span in item]}
+            for item in slices
+        ],
+    }
+    (tmp_path / "stack.yaml").write_text(yaml.safe_dump(config))
+    result = run("merge", str(tmp_path / "stack.yaml"), str(tmp_path / "out"))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()

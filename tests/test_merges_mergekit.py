@@ -478,3 +478,33 @@ def test_selective_layers_moves_only_the_layers_that_drift_from_the_alignment_ve
     assert_same_tensors(merged, read_model(tmp_path / "mergekit"), {})
     with pytest.raises(UserError, match="safemerge merge"):  # without the weights the layers are unknown
         to_mergekit_yaml(recipe, paths)
+
+
+def test_passthrough_stacks_slices_as_mergekit_does(zoo_dir, tmp_path):
+    """passthrough: layers 0-1 of the base then 1-3 of the medical expert, a 5-layer model, equal to mergekit-yaml's
+    and loadable by transformers."""
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(zoo_dir / "base"), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(zoo_dir / "medical"), "layer_range": [1, 4]}]},
+        ],
+        "dtype": "float32",
+    }
+    (tmp_path / "stack.yaml").write_text(yaml.safe_dump(config))
+    ours = tmp_path / "safemerge"
+    assert safemerge(["merge", str(tmp_path / "stack.yaml"), str(ours)]) == 0
+    run_mergekit(tmp_path / "stack.yaml", tmp_path / "mergekit")
+    assert_same_tensors(read_model(ours), read_model(tmp_path / "mergekit"), {})
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 5
+    base, medical = read_model(zoo_dir / "base"), read_model(zoo_dir / "medical")
+    stacked = read_model(ours)
+    name = "model.layers.{}.mlp.down_proj.weight"
+    assert torch.equal(stacked[name.format(1)], base[name.format(1)])
+    assert torch.equal(stacked[name.format(2)], medical[name.format(1)])
+    assert torch.equal(stacked["lm_head.weight"], medical["lm_head.weight"])
+    assert torch.equal(stacked["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(ours).config.num_hidden_layers == 5
+    assert yaml.safe_load((ours / "mergekit_config.yml").read_text()) == config

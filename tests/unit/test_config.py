@@ -57,7 +57,7 @@ def test_load_config_errors_name_the_file(tmp_path):
         ({"objectives.minimize": ["safety"]}, "objectives: an objective is listed twice"),
         ({"methods": ["ties", "frobnicate"]}, "methods: unknown or unsearchable method 'frobnicate'"),
         ({"methods": ["nuslerp"]}, "methods: unknown or unsearchable method 'nuslerp'"),
-        ({"methods": ["passthrough"]}, "methods: unknown or unsearchable method 'passthrough'"),
+        ({"methods": ["ties", "passthrough"]}, "methods: passthrough changes the layer count, so it cannot be swapped"),
         ({"methods": []}, "methods: list at least one merge method"),
         (
             {"methods": ["slerp"], "models.experts": {"medical": "zoo:medical", "finance": "zoo:finance"}},
