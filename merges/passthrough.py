@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from safemerge.errors import UserError
 from safemerge.merges.checkpoint import Checkpoint
+from safemerge.merges.recipe import validated
 
 PASSTHROUGH = "passthrough"
 UNSEARCHABLE = (
@@ -56,12 +57,7 @@ def parse_slices(data: dict, source: str = "config") -> SliceRecipe:
         raise UserError(
             f"{source}: passthrough stacks layer ranges; list them under slices: (sources with layer_range)"
         )
-    try:
-        recipe = SliceRecipe.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"{source}: {where}: {first['msg']}; fix that field") from None
+    recipe = validated(SliceRecipe, data, source)
     if not recipe.slices:
         raise UserError(f"{source}: slices is empty; list at least one slice with sources: [{{model, layer_range}}]")
     for index, item in enumerate(recipe.slices):

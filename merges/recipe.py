@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -69,14 +69,22 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             f"{source}: mergekit key {unsupported[0]!r} is not supported by safemerge; use models: with "
             "parameters (and tokenizer_source) instead"
         )
+    recipe = validated(Recipe, data, source)
+    check_recipe(recipe, source)
+    return recipe
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validated(model: type[Model], data: dict, source: str) -> Model:
+    """`data` as a `model`, or one error naming the first field at fault."""
     try:
-        recipe = Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise UserError(f"{source}: {where}: {first['msg']}; fix that field") from None
-    check_recipe(recipe, source)
-    return recipe
 
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
