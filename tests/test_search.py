@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from safemerge.errors import UserError
@@ -251,6 +252,35 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
         timeout=120,
     )
     assert pareto.returncode == 0 and registered in pareto.stdout and "test safety" in pareto.stdout
+
+
+@pytest.mark.vllm
+def test_a_search_over_the_safety_aware_and_new_methods_runs_end_to_end(tmp_path, zoo_dir, data_dir):
+    """Each method's standard recipe as the warm start (one trial each), then its front materialized and exported:
+    selective_layers by a worker (its layers come from the weights), as mergekit's task_arithmetic."""
+    methods = ["safety_vector", "selective_layers", "nearswap", "sce"]
+    name, storage = "new-methods", f"sqlite:///{tmp_path}/optuna.db"
+    args = search_overrides(tmp_path, name, len(methods), f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
+    args += ["--set", f"methods=[{', '.join(methods)}]"]
+    result = subprocess.run(
+        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert [trial.params["method"] for trial in study.trials] == methods
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
+    summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
+    assert summary["front"]
+    for entry in summary["front"]:
+        folder = Path(entry["model_dir"])
+        exported = yaml.safe_load((folder / "mergekit_config.yml").read_text())
+        expected = {"safety_vector": "dare_linear", "selective_layers": "task_arithmetic"}.get(entry["method"])
+        assert exported["merge_method"] == (expected or entry["method"]), entry["method"]
+        assert set(entry["test"]) >= {"safety", "domain", "over_refusal"}
 
 
 @pytest.mark.vllm
