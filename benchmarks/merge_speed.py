@@ -102,7 +102,7 @@ def worker(method: str, folders: dict[str, Path], trials: int) -> dict:
     from safemerge.merges.recipe import parse_recipe
 
     data = recipe_for(method, folders)
-    experts = {entry["model"]: entry["model"] for entry in data["models"]}
+    experts = {entry["model"]: entry["model"] for entry in data["models"] if entry["model"] != data["base_model"]}
     recipe = parse_recipe(data)
     start = time.perf_counter()
     engine = MergeEngine(data["base_model"], experts, base_name=data["base_model"], recipe=recipe)
