@@ -115,7 +115,18 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
 
 
 def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
-    return torch.var(_stacked_task_vectors(inputs, models), dim=0, unbiased=False)
+    """torch.var(dim=0, unbiased=False) of the stacked task vectors, bit for bit (Welford's update in float64, as
+    torch's CPU kernel runs it), but as whole-chunk operations: torch.var over a dim of 2-3 models is about 25x
+    slower."""
+    vectors = [inputs.tensors[inputs.slot(model)] for model in models]
+    mean = vectors[0].double()
+    m2 = torch.zeros_like(mean)
+    for count, vector in enumerate(vectors[1:], start=2):
+        value = vector.double()
+        delta = value - mean
+        mean += delta / count
+        m2 += delta * (value - mean)
+    return (m2 / len(vectors)).float()
 
 
 def _sce_selected(inputs: TensorInputs, models: list[str], share: float) -> torch.Tensor:
