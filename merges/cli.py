@@ -28,7 +28,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     from safemerge.merges.engine import MergeEngine
     from safemerge.merges.output import parse_size
     from safemerge.merges.passthrough import is_passthrough, merge_slices, parse_slices
-    from safemerge.merges.recipe import from_mergekit_yaml
+    from safemerge.merges.recipe import parse_recipe
 
     if not args.config.is_file():
         raise UserError(f"CONFIG {args.config} does not exist; pass a mergekit YAML file")
@@ -40,7 +40,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
         merge_slices(stacked, args.out_dir, shard_size=shard_size, force=args.force)
         print(f"stacked {len(stacked.slices)} slice(s) (passthrough) -> {args.out_dir}")
         return
-    recipe = from_mergekit_yaml(args.config.read_text(), source=str(args.config))
+    recipe = parse_recipe(data, source=str(args.config))
     if args.seed is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
     reference = recipe.base_model or recipe.models[0].model

@@ -255,6 +255,10 @@ class MergeEngine:
     # Planning: every parameter of every tensor resolved and checked before any tensor math.
 
     def plan(self, recipe: Recipe) -> list[TensorPlan]:
+        return self._lowered_plan(recipe)[1]
+
+    def _lowered_plan(self, recipe: Recipe) -> tuple[Recipe, list[TensorPlan]]:
+        """The recipe as the method it is defined by (`lowered`) and its plan, lowered once."""
         check_recipe(recipe)
         recipe = lowered(recipe, self.layer_cosines)
         method = METHODS[recipe.merge_method]
@@ -294,7 +298,7 @@ class MergeEngine:
             self._check_values(recipe, method.name, name, shared, per_model)
             shared["base_model"] = recipe.base_model
             plans.append(TensorPlan(name, shared, per_model))
-        return plans
+        return recipe, plans
 
     def _tokenizer_source(self, recipe: Recipe) -> str:
         """The model whose tokenizer the merged folder takes: the base, or a named merged model."""
@@ -362,8 +366,7 @@ class MergeEngine:
 
         With `out`, each result is written into out[name] (for example a previous merge's tensors) instead.
         """
-        plans = self.plan(recipe)  # all validation happens here, before the first tensor is computed
-        recipe = lowered(recipe, self.layer_cosines)
+        recipe, plans = self._lowered_plan(recipe)  # all validation happens here, before the first tensor
         method = METHODS[recipe.merge_method]
         out_dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
         for plan in plans:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from safemerge.errors import UserError
 from safemerge.merges.checkpoint import Checkpoint
+from safemerge.merges.engine import DTYPES
 from safemerge.merges.recipe import validated
 
 PASSTHROUGH = "passthrough"
@@ -23,7 +24,6 @@ UNSEARCHABLE = (
     "`safemerge merge`, outside a search"
 )
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class SliceSource(BaseModel):
@@ -73,8 +73,8 @@ def parse_slices(data: dict, source: str = "config") -> SliceRecipe:
             )
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
-        if value is not None and value not in _DTYPES:
-            raise UserError(f"{source}: {key} {value!r} is not supported; use one of {', '.join(_DTYPES)}")
+        if value is not None and value not in DTYPES:
+            raise UserError(f"{source}: {key} {value!r} is not supported; use one of {', '.join(DTYPES)}")
     return recipe
 
 
@@ -83,7 +83,7 @@ def _renamed(name: str, layer: int) -> str:
 
 
 def _stacked(recipe: SliceRecipe, checkpoints: dict[str, Checkpoint]) -> Iterator[tuple[str, torch.Tensor]]:
-    dtype = _DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
     first = checkpoints[recipe.slices[0].sources[0].model]
     last = checkpoints[recipe.slices[-1].sources[0].model]
 

@@ -200,10 +200,9 @@ class SearchConfig(_Strict):
         # The method table says which methods a search may choose; imported here, as it loads torch (seconds),
         # which a config that only validates does not need otherwise.
         from safemerge.merges.methods import searchable_methods
-
-        searchable = searchable_methods()
         from safemerge.merges.passthrough import PASSTHROUGH, UNSEARCHABLE
 
+        searchable = searchable_methods()
         for method in methods:
             if method == PASSTHROUGH:
                 raise ValueError(UNSEARCHABLE)
