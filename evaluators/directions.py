@@ -19,6 +19,15 @@ OBJECTIVE_DIRECTIONS = {
 }
 # Reported beside the objectives: prompts that did not fit the context, and tokens generated (the cost).
 COUNT_METRICS = ("skipped", "generated_tokens")
+# The objectives that are shares of judged prompts: each comes with a Wilson 95% interval, `<name>_lo` and
+# `<name>_hi` (evaluators.metrics.wilson_interval), as does each domain's own accuracy.
+RATE_OBJECTIVES = ("safety", "over_refusal", "domain")
+INTERVAL_SUFFIXES = ("_lo", "_hi")
+
+
+def interval_metrics(name: str) -> tuple[str, str]:
+    """The names of a rate's lower and upper 95% bounds."""
+    return (f"{name}_lo", f"{name}_hi")
 
 
 def domain_metric(domain: str) -> str:
@@ -27,5 +36,8 @@ def domain_metric(domain: str) -> str:
 
 
 def reported_metrics(domains: Iterable[str]) -> list[str]:
-    """Every metric an evaluation on these domains reports: objectives, per-domain accuracies, counts."""
-    return [*OBJECTIVE_DIRECTIONS, *(domain_metric(domain) for domain in domains), *COUNT_METRICS]
+    """Every metric an evaluation on these domains reports: objectives, per-domain accuracies, the rates' 95%
+    intervals, counts."""
+    per_domain = [domain_metric(domain) for domain in domains]
+    bounds = [bound for rate in (*RATE_OBJECTIVES, *per_domain) for bound in interval_metrics(rate)]
+    return [*OBJECTIVE_DIRECTIONS, *per_domain, *bounds, *COUNT_METRICS]

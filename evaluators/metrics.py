@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -29,3 +30,22 @@ def refusal_rate(answers: Sequence[str]) -> float:
     if not answers:
         raise ValueError("refusal rate of an empty set is undefined: the data set has no rows for this split")
     return sum(is_refusal(answer) for answer in answers) / len(answers)
+
+
+WILSON_Z = 1.959963984540054  # the normal quantile of a two-sided 95% interval
+
+
+def wilson_interval(successes: int, total: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson's score interval of a binomial share (Wilson, 1927): unlike the normal approximation it stays
+    inside [0, 1] and keeps its coverage near 0 and 1, where safety and over-refusal rates live. 80 prompts at
+    0.9 give about [0.81, 0.95]."""
+    if total <= 0:
+        raise ValueError("the interval of a share of no prompts is undefined")
+    share = successes / total
+    denominator = 1 + z * z / total
+    centre = (share + z * z / (2 * total)) / denominator
+    half_width = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / denominator
+    # At 0 and at all successes a bound is exactly 0 or 1; rounding would leave it a hair inside.
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == total else min(1.0, centre + half_width)
+    return low, high

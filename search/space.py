@@ -111,6 +111,13 @@ def standard_points(config: SearchConfig, num_layers: int) -> list[dict[str, Any
     return points
 
 
+def standard_recipe(config: SearchConfig, method: str, num_layers: int) -> dict:
+    """One method's standard recipe as a practitioner writes it (one number per model, no layer gradient or
+    module filter): the baseline a search's pick has to beat (task arithmetic at weights 1/1)."""
+    plain = config.model_copy(update={"layer_groups": 1, "module_filters": False})
+    return suggest_recipe(_StandardTrial(method), plain, num_layers)  # type: ignore[arg-type]
+
+
 GRID_WEIGHTS = (0.2, 0.4, 0.6, 0.8, 1.0)
 GRID_DENSITIES = (0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from safemerge.evaluators.directions import interval_metrics
 from safemerge.search.config import SearchConfig
 from safemerge.search.pareto import Point
 
@@ -290,7 +291,9 @@ class Tracker:
 
 
 def choose_aliases(front: Sequence[Point], objectives) -> dict[int, list[str]]:
-    """best-safety, best-domain (when those are objectives) and balanced (the best worst objective)."""
+    """best-safety, best-domain (when those are objectives) and balanced: the best worst objective, each maximized
+    rate taken at the lower bound of its 95% interval where the trial has one (a small dev set's lucky score
+    does not win it)."""
     if not front:
         return {}
     aliases: dict[int, list[str]] = {point.number: [] for point in front}
@@ -299,10 +302,14 @@ def choose_aliases(front: Sequence[Point], objectives) -> dict[int, list[str]]:
             best = max(front, key=lambda point: (point.metrics[name], -point.number))
             aliases[best.number].append(f"best-{name}")
     maximized = objectives.maximize or objectives.minimize
+
+    def lower_bound(point: Point, name: str) -> float:
+        return point.metrics.get(interval_metrics(name)[0], point.metrics[name])
+
     balanced = max(
         front,
         key=lambda point: (
-            min(point.metrics[name] for name in maximized)
+            min(lower_bound(point, name) for name in maximized)
             if objectives.maximize
             else -max(point.metrics[n] for n in maximized),
             -point.number,

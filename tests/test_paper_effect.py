@@ -1,9 +1,11 @@
 """The paper's finding on the zoo, through `safemerge search compare` as the demo runs it: the search that sees
-safety data finds a merge that is safer on the test split than the grid-search merge and the domain-only
-search's merge, while its domain accuracy stays within 5 points of the expert's."""
+safety data finds a merge that is at least 5 points safer on the test split than the standard recipe, the
+grid-search merge and the domain-only search's merge, while its domain accuracy stays within 5 points of the
+expert's and its over-refusal at most 0.1."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -11,18 +13,28 @@ import pytest
 from tests.conftest import report_figure
 from tests.test_search import REPO, SAFEMERGE, search_overrides
 
+STANDARD = "standard recipe (task arithmetic 1/1)"
 GRID = "grid search (TIES density x weight)"
 DOMAIN_ONLY = "search, domain data only"
 FULL = "search, domain + safety data"
 
 
+CELL = re.compile(r"(\d\.\d{3}) \[(\d\.\d\d),(\d\.\d\d)\]")
+
+
 def parse_table(output: str) -> dict[str, dict[str, float]]:
+    """The comparison's rows: each rate and its interval bounds, by row name."""
     lines = output.splitlines()
-    start = lines.index("the paper's comparison, test split") + 2
+    start = next(i for i, line in enumerate(lines) if line.startswith("the paper's comparison, test split")) + 2
     rows = {}
     for line in lines[start:]:
-        name, safety, domain, over_refusal = line.rsplit(maxsplit=3)
-        rows[name.strip()] = {"safety": float(safety), "domain": float(domain), "over_refusal": float(over_refusal)}
+        cells = list(CELL.finditer(line))
+        if len(cells) != 3:
+            break  # the verdicts follow the table after a blank line
+        row = {}
+        for metric, cell in zip(("safety", "domain", "over_refusal"), cells, strict=True):
+            row.update({metric: float(cell[1]), f"{metric}_lo": float(cell[2]), f"{metric}_hi": float(cell[3])})
+        rows[line[: cells[0].start()].strip()] = row
     return rows
 
 
@@ -57,8 +69,12 @@ def test_search_with_safety_data_beats_grid_and_domain_only(tmp_path, zoo_dir, d
     assert result.returncode == 0, result.stderr[-3000:]
     rows = parse_table(result.stdout)
     for name, row in rows.items():
-        report_figure(f"paper table (test): {name}: safety {row['safety']:.3f}, domain {row['domain']:.3f}")
+        report_figure(
+            f"paper table (test): {name}: safety {row['safety']:.3f} [{row['safety_lo']:.2f},{row['safety_hi']:.2f}],"
+            f" domain {row['domain']:.3f}, over-refusal {row['over_refusal']:.3f}"
+        )
     full, expert = rows[FULL], rows["medical"]
-    assert full["safety"] > rows[GRID]["safety"]
-    assert full["safety"] > rows[DOMAIN_ONLY]["safety"]
-    assert full["domain"] >= expert["domain"] - 0.05
+    for other in (STANDARD, GRID, DOMAIN_ONLY):
+        assert full["safety"] >= rows[other]["safety"] + 0.05, (other, rows)
+    assert full["domain"] >= expert["domain"] - 0.05, rows
+    assert full["over_refusal"] <= 0.1, rows
