@@ -6,7 +6,10 @@ scalar `combined` (the paper's EvoMM baseline) and is scored on the same (safety
 Targets: the default sampler (nsga2) reaches at least random's and grid's hypervolume, in at most half the
 trials random needs to reach it (per seed); workers busy at least 90% of the search time with 2 workers.
 
-Run: .venv/bin/python benchmarks/search_efficiency.py [--trials 24] [--seeds 0 1 2] [--workers 2]
+With `--rungs 0.25 1` every search also runs multi-fidelity (search/fidelity.py), and each row reports the tokens
+its trials generated, pruned ones included: the cost at which it reached its hypervolume.
+
+Run: .venv/bin/python benchmarks/search_efficiency.py [--trials 24] [--seeds 0 1 2] [--workers 2] [--rungs 0.25 1]
 Last line: JSON.
 """
 
@@ -19,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import ray
 
 from safemerge.search.config import ObjectivesConfig, SearchConfig, load_config
@@ -35,9 +39,15 @@ def trials_to_reach(history: list[float], target: float) -> int | None:
     return None
 
 
-def sampler_config(base: SearchConfig, sampler: str, seed: int, scratch: Path) -> SearchConfig:
+def sampler_config(
+    base: SearchConfig, sampler: str, seed: int, scratch: Path, rungs: list[float] | None = None
+) -> SearchConfig:
     data = base.model_dump(mode="json")
-    data.update(name=f"bench-{sampler}-s{seed}", sampler=sampler, seed=seed, storage=f"sqlite:///{scratch}/optuna.db")
+    suffix = "-mf" if rungs else ""
+    data.update(
+        name=f"bench-{sampler}{suffix}-s{seed}", sampler=sampler, seed=seed, storage=f"sqlite:///{scratch}/optuna.db"
+    )
+    data["evaluation"]["rungs"] = rungs or [1.0]
     data["results_dir"] = str(scratch / "searches")
     if sampler == "cmaes":
         data["objectives"] = {"maximize": [], "minimize": ["combined"], "constraints": {}}
@@ -50,19 +60,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24, help="budget of every search (default: 24)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=20, help="prompts per set and trial (default: 20)")
+    parser.add_argument("--limit", type=int, default=20, help="prompts per set and trial (default: 20; 0: all)")
+    parser.add_argument(
+        "--rungs", type=float, nargs="+", help="also run each search multi-fidelity on these shares, e.g. 0.25 1"
+    )
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
     args = parser.parse_args()
 
     front_objectives = ObjectivesConfig()  # (safety, domain), over_refusal <= 0.1: every sampler is scored on it
     base = load_config(
-        args.config, {"trials": args.trials, "workers.count": args.workers, "evaluation.limit": args.limit}
+        args.config, {"trials": args.trials, "workers.count": args.workers, "evaluation.limit": args.limit or None}
     )
-    results: dict[str, list[dict]] = {sampler: [] for sampler in args.samplers}
+    variants = [(sampler, None) for sampler in args.samplers]
+    variants += [(sampler, args.rungs) for sampler in args.samplers] if args.rungs else []
+    label = lambda sampler, rungs: f"{sampler}+mf" if rungs else sampler  # noqa: E731
+    results: dict[str, list[dict]] = {label(*variant): [] for variant in variants}
     with tempfile.TemporaryDirectory(prefix="search-efficiency-") as scratch, worker_pool(base) as workers:
         for seed in args.seeds:
-            for sampler in args.samplers:
-                config = sampler_config(base, sampler, seed, Path(scratch))
+            for sampler, rungs in variants:
+                config = sampler_config(base, sampler, seed, Path(scratch), rungs)
                 started_at, started = time.time(), time.perf_counter()
                 study = run_search(config, workers, log=lambda _: None)
                 wall = time.perf_counter() - started
@@ -77,7 +93,11 @@ def main() -> None:
                 # (a fixed few seconds per search, whatever its budget) leave out.
                 window = max(end for _, end in evaluations) - min(start for start, _ in evaluations)
                 history = hypervolume_history(study_points(study), front_objectives)
+                tokens = sum(t.user_attrs.get("metrics", {}).get("generated_tokens", 0.0) for t in study.trials)
+                pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
                 row = {
+                    "generated_tokens": tokens,
+                    "pruned": pruned,
                     "seed": seed,
                     "hypervolume": history[-1] if history else 0.0,
                     "history": history,
@@ -86,9 +106,10 @@ def main() -> None:
                     "tune_start_and_stop_s": wall - window,
                     "seconds": wall,
                 }
-                results[sampler].append(row)
+                results[label(sampler, rungs)].append(row)
                 print(
-                    f"{sampler:7s} seed {seed}: hypervolume {row['hypervolume']:.4f}, busy {row['busy_share']:.0%} "
+                    f"{label(sampler, rungs):10s} seed {seed}: hypervolume {row['hypervolume']:.4f}, "
+                    f"{tokens:.0f} tokens, {pruned} pruned, busy {row['busy_share']:.0%} "
                     f"(between first and last evaluation {row['busy_share_steady']:.0%}), {wall:.0f} s",
                     flush=True,
                 )
@@ -103,6 +124,8 @@ def main() -> None:
             "hypervolume_mean": statistics.mean(r["hypervolume"] for r in rows),
             "hypervolume_per_seed": [round(r["hypervolume"], 4) for r in rows],
             "trials_to_random_final_hv": reach,
+            "generated_tokens_mean": statistics.mean(r["generated_tokens"] for r in rows),
+            "pruned_mean": statistics.mean(r["pruned"] for r in rows),
             "busy_share_mean": statistics.mean(r["busy_share"] for r in rows),
             "busy_share_steady_mean": statistics.mean(r["busy_share_steady"] for r in rows),
             "tune_start_and_stop_s_mean": statistics.mean(r["tune_start_and_stop_s"] for r in rows),
@@ -134,6 +157,14 @@ def main() -> None:
                 for mine, theirs in zip(default["trials_to_random_final_hv"], random_needed, strict=True)
             ),
         }
+    # Multi-fidelity against the same sampler on the whole split: hypervolume reached and the share of its tokens.
+    for sampler in args.samplers if args.rungs else []:
+        full, multi = summary[sampler], summary[f"{sampler}+mf"]
+        verdict[f"{sampler}_mf_hv_gap"] = round(full["hypervolume_mean"] - multi["hypervolume_mean"], 4)
+        verdict[f"{sampler}_mf_token_share"] = round(multi["generated_tokens_mean"] / full["generated_tokens_mean"], 3)
+        verdict[f"{sampler}_mf_within_0.01_at_a_quarter_of_the_tokens"] = (
+            verdict[f"{sampler}_mf_hv_gap"] <= 0.01 and verdict[f"{sampler}_mf_token_share"] <= 0.25
+        )
     busy = min(row["busy_share_mean"] for row in summary.values())
     busy_steady = min(row["busy_share_steady_mean"] for row in summary.values())
     print(

@@ -154,6 +154,22 @@ class EvaluationConfig(_Strict):
     fault_retries: int = Field(
         3, ge=0, description="re-runs of a trial whose worker died or hung; they do not spend the budget"
     )
+    rungs: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="multi-fidelity: the shares of the dev split a trial is scored on in turn (e.g. [0.125, 0.5, 1]; "
+        "each rung scores only the rows it adds); a trial whose optimistic bounds a feasible full-split trial "
+        "dominates stops at its rung, recorded as pruned. [1.0]: every trial on the whole split",
+    )
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs_grow_to_the_whole_split(cls, rungs: list[float]) -> list[float]:
+        growing = all(a < b for a, b in zip(rungs, rungs[1:], strict=False))
+        if not rungs or rungs[-1] != 1.0 or rungs[0] <= 0 or not growing:
+            raise ValueError(
+                f"rungs must grow from above 0 to exactly 1.0 (the whole dev split), e.g. [0.25, 1.0]; got {rungs}"
+            )
+        return rungs
 
 
 class SearchConfig(_Strict):

@@ -25,6 +25,7 @@ from ray.util.queue import Queue
 from safemerge.errors import UserError
 from safemerge.files import write_text_atomic
 from safemerge.search.config import SearchConfig, load_config
+from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
@@ -73,14 +74,15 @@ class Progress(DriverSide, tune.Callback):
         log: Callable[[str], None] = print,
     ) -> None:
         self.config, self.study, self.done, self.on_finished, self.log = config, study, already_done, on_finished, log
-        self.failed = 0
+        self.failed = self.pruned = 0
         self.started = time.perf_counter()
 
     def _line(self, what: str) -> None:
         self.done += 1
         volume = hypervolume(study_points(self.study), self.config.objectives)
         self.log(
-            f"[{self.done}/{self.config.trials}] {what} | failed {self.failed} | hypervolume {volume:.4f} "
+            f"[{self.done}/{self.config.trials}] {what} | failed {self.failed}"
+            f"{f' | pruned {self.pruned}' if self.pruned else ''} | hypervolume {volume:.4f} "
             f"| {time.perf_counter() - self.started:.0f} s"
         )
         if self.on_finished is not None:
@@ -91,6 +93,10 @@ class Progress(DriverSide, tune.Callback):
         shown = ", ".join(f"{k} {result[k]:.2f}" for k in self.config.objectives.names() if k in result)
         faults = int(result.get("worker_faults", 0))
         rerun = f" (re-run after {faults} worker fault{'s' if faults > 1 else ''})" if faults else ""
+        fidelity = result.get("fidelity", 1.0)
+        if fidelity < 1.0:
+            self.pruned += 1
+            rerun += f" (pruned at {fidelity:g} of the dev split)"
         self._line(f"{trial.config['recipe']['merge_method']}: {shown}{rerun}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -228,6 +234,7 @@ def run_search(
             free_workers=free_workers,
             timeout_s=config.evaluation.trial_timeout_s,
             fault_retries=config.evaluation.fault_retries,
+            rungs=tuple(config.evaluation.rungs),
         ),
         {"cpu": 0.01},
     )
@@ -235,8 +242,13 @@ def run_search(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
+            scheduler=ParetoHalving(objectives, lambda: study_points(study))
+            if len(config.evaluation.rungs) > 1
+            else None,
             num_samples=remaining,
-            max_concurrent_trials=len(workers),
+            # One trial queued per worker beside the running one: it is asked and started while the worker is
+            # busy and takes it the moment it is free, so Tune's per-trial start (seconds) never idles a worker.
+            max_concurrent_trials=2 * len(workers),
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(

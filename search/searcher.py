@@ -64,17 +64,26 @@ class StudySearcher(DriverSide, Searcher):
         if trial is None:
             return
         names = [*self.objectives.names(), *self.objectives.constraints]
+        if not error and result and result.get("fidelity", 1.0) < 1.0:
+            # Stopped at an early rung by the multi-fidelity scheduler: pruned, with the figures it had.
+            self._keep_figures(trial, result)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
         if error or not result or not all(_finite(result.get(name)) for name in names):
             # Failed, or a figure Optuna cannot compare (missing, NaN): recorded as failed, never left RUNNING.
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
-        trial.set_user_attr("metrics", {key: float(result[key]) for key in self.metric_names if key in result})
-        trial.set_user_attr("recipe", json.loads(result["recipe_json"]))
+        self._keep_figures(trial, result)
         violations = self.objectives.violations(result)
         trial.set_user_attr("constraint", violations)
         for name, value in zip(self.objectives.constraints, violations, strict=True):
             trial.set_constraint(name, value)
         self.study.tell(trial, [result[name] for name in self.objectives.names()])
+
+    def _keep_figures(self, trial: optuna.Trial, result: dict) -> None:
+        metrics = {key: float(result[key]) for key in self.metric_names if key in result}
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("recipe", json.loads(result["recipe_json"]))
 
     # Tune checkpoints its searcher; the study's storage already holds everything, so the checkpoint names it.
     def save(self, checkpoint_path: str) -> None:

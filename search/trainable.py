@@ -37,22 +37,31 @@ def wait_until_up(worker, limit_s: float) -> bool:
     return False
 
 
-def run_trial(
-    trial_config: dict, workers: list, free_workers: Queue, *, timeout_s: float | None, fault_retries: int
-) -> None:
-    """Borrow a free worker, evaluate the recipe there (again on a fault), report a flat dict of metrics."""
-    faults: list[str] = []
+def evaluate_on_free_worker(
+    recipe: dict,
+    fidelity: float,
+    workers: list,
+    free_workers: Queue,
+    faults: list[str],
+    *,
+    timeout_s: float | None,
+    fault_retries: int,
+) -> dict:
+    """Borrow a free worker, evaluate the recipe on the first `fidelity` of the dev split (again on a fault,
+    appended to `faults`), and hand the worker back."""
     # A worker restarting longer than this (engines loading) is taken out of the pool.
     restart_limit_s = timeout_s or 3600.0
+    # A trial queued behind a running one (the driver runs two trials per worker, so that no worker
+    # waits for Tune between trials) may wait for that trial's whole evaluation and a restart of its worker.
+    free_wait_s = 2 * restart_limit_s
     while True:
         try:
-            index = free_workers.get(block=True, timeout=restart_limit_s)
+            index = free_workers.get(block=True, timeout=free_wait_s)
         except Empty as error:
-            raise WorkerFaults(f"no worker was free for {restart_limit_s:g} s; faults so far: {faults}") from error
+            raise WorkerFaults(f"no worker was free for {free_wait_s:g} s; faults so far: {faults}") from error
         worker, healthy = workers[index], True
         try:
-            metrics = ray.get(worker.evaluate.remote(trial_config["recipe"]), timeout=timeout_s)
-            break
+            return ray.get(worker.evaluate.remote(recipe, "dev", fidelity), timeout=timeout_s)
         except GetTimeoutError:
             # Hung: end the process; as a restartable actor it comes back with fresh engines.
             ray.kill(worker, no_restart=False)
@@ -70,5 +79,30 @@ def run_trial(
                 f"the trial's evaluation was interrupted {len(faults)} times ({'; '.join(faults)}); "
                 "raise evaluation.fault_retries or evaluation.trial_timeout_s, or look at the workers' logs"
             )
+
+
+def run_trial(
+    trial_config: dict,
+    workers: list,
+    free_workers: Queue,
+    *,
+    timeout_s: float | None,
+    fault_retries: int,
+    rungs: tuple[float, ...] = (1.0,),
+) -> None:
+    """Evaluate the recipe on each rung's share of the dev split in turn, reporting a flat dict of metrics after
+    each: the search's scheduler may stop the trial at any report (search/fidelity.py). The worker is back in the
+    pool before each report, so a trial stopped there holds none."""
+    faults: list[str] = []
     recipe_json = json.dumps(trial_config["recipe"], sort_keys=True)
-    tune.report({**metrics, "worker_faults": float(len(faults)), "recipe_json": recipe_json})
+    for rung, fidelity in enumerate(rungs):
+        metrics = evaluate_on_free_worker(
+            trial_config["recipe"],
+            fidelity,
+            workers,
+            free_workers,
+            faults,
+            timeout_s=timeout_s,
+            fault_retries=fault_retries,
+        )
+        tune.report({**metrics, "rung": float(rung), "worker_faults": float(len(faults)), "recipe_json": recipe_json})

@@ -7,6 +7,7 @@ error and the worker takes the next one.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -17,14 +18,22 @@ import ray
 from safemerge.errors import UserError
 from safemerge.evaluators.directions import reported_metrics
 from safemerge.evaluators.generation import VLLMGenerator, fatal_engine_error, open_backend
-from safemerge.evaluators.objectives import default_ce_backend, load_eval_set, open_judge, score
+from safemerge.evaluators.objectives import (
+    Judged,
+    default_ce_backend,
+    judge_prompts,
+    load_eval_set,
+    metrics_of,
+    open_judge,
+)
 from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import Recipe, parse_recipe, to_mergekit_yaml
 from safemerge.search.config import BASE_ROLE, SearchConfig
 from safemerge.search.plan import check_plan, plan_worker
 
-# What a worker adds to the evaluator's metrics of a trial.
-WORKER_METRICS = ("worker", "duration_s")
+# What a worker adds to the evaluator's metrics of a trial: which worker, how long, and the share of the split
+# scored (below 1 for a multi-fidelity trial stopped at an early rung).
+WORKER_METRICS = ("worker", "duration_s", "fidelity")
 # What the trainable adds: how often the trial was re-run after its worker died or hung (search/trainable.py).
 FAULT_METRICS = ("worker_faults",)
 
@@ -86,6 +95,8 @@ class TrialWorker:
         self.judge = open_judge(judge, **(memory_plan.judge_options() if memory_plan is not None else {}))
         self.eval_sets = {}
         self._loaded = parse_recipe(single_model_recipe(BASE_ROLE), source="base recipe")  # what the engines hold
+        # The last evaluation's (recipe and split, share of the split, verdicts): the next rung adds to it.
+        self._partial: tuple[tuple[str, str] | None, float, Judged] = (None, 0.0, Judged())
         self.evaluation_times: list[tuple[float, float]] = []  # (start, end) of each evaluation, epoch seconds
         self.setup_seconds = time.perf_counter() - started
 
@@ -104,6 +115,8 @@ class TrialWorker:
         the model). A tensor that fails its check midway (NaN, Inf) leaves the engines part-way, so the last good
         recipe is streamed back in before the error goes on: the trial fails, the engines keep their weights."""
         parsed = parse_recipe(recipe, source="trial recipe")
+        if parsed == self._loaded:  # a multi-fidelity trial's next rung, or its test split: the engines hold it
+            return
         self.merge_engine.plan(parsed)  # a bad recipe fails here, before any engine is touched
         try:
             self._stream(parsed)
@@ -122,28 +135,37 @@ class TrialWorker:
             tensors = self.ce_scorer.copy_through(tensors)
         self.generator.load_weights(tensors)
 
-    def evaluate(self, recipe: dict, split: str = "dev") -> dict[str, float]:
-        """Every objective of one recipe on one split, plus this worker's index and the trial's duration."""
+    def evaluate(self, recipe: dict, split: str = "dev", fidelity: float = 1.0) -> dict[str, float]:
+        """Every objective of one recipe on the first `fidelity` of one split (stratified), plus this worker's
+        index and the evaluation's duration. A multi-fidelity trial asks for its rungs in turn: when this worker
+        scored the same recipe on a smaller share last, only the rows the rung adds are generated and judged."""
         started, started_at = time.perf_counter(), time.time()
+        key = (json.dumps(recipe, sort_keys=True), split)
+        done_key, done_share, judged = self._partial
+        if done_key != key or done_share >= fidelity:
+            done_share, judged = 0.0, Judged()
         try:
             self.load(recipe)
             evaluation = self.config.evaluation
-            metrics = score(
+            judged = judged + judge_prompts(
                 self.generator,
-                self._eval_set(split),
+                self._eval_set(split).between(done_share, fidelity),
                 self.judge,
-                alpha=evaluation.alpha,
                 max_tokens=evaluation.max_tokens,
                 ce_scorer=self.ce_scorer,
             )
+            metrics = metrics_of(judged, list(self.config.models.experts), evaluation.alpha)
+            self._partial = (key, fidelity, judged)
         except Exception as error:
+            self._partial = (None, 0.0, Judged())
             if isinstance(error, WorkerUnusable) or fatal_engine_error(error):
                 end_actor_process(error)
             raise
         finally:
             elapsed = time.perf_counter() - started
             self.evaluation_times.append((started_at, started_at + elapsed))
-        return {**metrics, **dict(zip(WORKER_METRICS, (float(self.worker_index), elapsed), strict=True))}
+        worker = dict(zip(WORKER_METRICS, (float(self.worker_index), elapsed, fidelity), strict=True))
+        return {**metrics, **worker}
 
     def reference_losses(self, split: str = "dev") -> dict[str, float]:
         """Each input model's mean reference cross-entropy on the split (LM-Cocktail's weights come from it)."""

@@ -1,0 +1,84 @@
+"""The multi-fidelity scheduler in a real Ray Tune run over a real Optuna study: trials report a rung at a time;
+those whose optimistic bounds a feasible full-split trial dominates stop at their first rung and are recorded as
+pruned, with their partial figures; the others run to the whole split and complete."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import ray
+from ray import tune
+
+from safemerge.search.driver import study_points
+from safemerge.search.fidelity import ParetoHalving
+from safemerge.search.searcher import StudySearcher
+
+from .unit.support import make_config
+
+RUNGS = (0.25, 1.0)
+HALF_WIDTH = 0.02
+
+
+def space(trial: optuna.Trial) -> dict:
+    return {"recipe": {"merge_method": "linear", "x": trial.suggest_float("x", 0.0, 1.0)}}
+
+
+def rung_trainable(trial_config: dict) -> None:
+    """A stand-in for the worker's scoring: safety and domain both `x`, known to +/- HALF_WIDTH at every rung."""
+    x = trial_config["recipe"]["x"]
+    for rung, fidelity in enumerate(RUNGS):
+        metrics = {"over_refusal": 0.0, "over_refusal_lo": 0.0, "over_refusal_hi": 0.05}
+        for name in ("safety", "domain"):
+            metrics.update({name: x, f"{name}_lo": x - HALF_WIDTH, f"{name}_hi": x + HALF_WIDTH})
+        recipe_json = json.dumps(trial_config["recipe"], sort_keys=True)
+        tune.report({**metrics, "fidelity": fidelity, "rung": float(rung), "recipe_json": recipe_json})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_dominated_trials_stop_at_their_first_rung_and_are_recorded_pruned(local_ray, tmp_path):
+    config = make_config(**{"evaluation.rungs": list(RUNGS)})
+    names = [
+        "safety",
+        "domain",
+        "over_refusal",
+        "fidelity",
+        *(f"{n}_{b}" for n in ("safety", "domain") for b in ("lo", "hi")),
+    ]
+    study = optuna.create_study(
+        directions=config.objectives.directions(), sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    searcher = StudySearcher(study, space, config.objectives, names, points_to_evaluate=[{"x": 0.9}])
+    scheduler = ParetoHalving(config.objectives, lambda: study_points(study))
+    tune.Tuner(
+        rung_trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=12, max_concurrent_trials=1, reuse_actors=True
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    ).fit()
+
+    states = {trial.number: trial.state for trial in study.trials}
+    assert len(states) == 12 and states[0] == optuna.trial.TrialState.COMPLETE
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned and len(pruned) + len(completed) == 12, states
+    for trial in pruned:  # at best x + 0.02 on both objectives: below trial 0's 0.9
+        assert trial.params["x"] + HALF_WIDTH < 0.9
+        assert trial.user_attrs["metrics"]["fidelity"] == RUNGS[0]
+        assert trial.user_attrs["metrics"]["safety"] == pytest.approx(trial.params["x"])
+        assert trial.user_attrs["recipe"]["x"] == trial.params["x"]
+    for trial in completed:  # never dominated at its optimistic bound by a full trial that came before it
+        assert trial.user_attrs["metrics"]["fidelity"] == 1.0
+        earlier = [t.params["x"] for t in completed if t.number < trial.number]
+        assert all(trial.params["x"] + HALF_WIDTH >= x for x in earlier)
+    assert set(scheduler.stopped.values()) <= {
+        f"dominated by trial {t.number} even at its optimistic bounds" for t in completed
+    }
