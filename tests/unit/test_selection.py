@@ -134,3 +134,27 @@ def test_lm_cocktail_weights_are_a_softmax_of_minus_the_losses():
     huge = lm_cocktail_weights({"aligned": 1000.0, "medical": 1001.0})  # no overflow to 0/0
     assert huge["aligned"] == pytest.approx(1 / (1 + math.exp(-1.0)))
     assert lm_cocktail_weights({"aligned": 2.0, "medical": 2.0}) == {"aligned": 0.5, "medical": 0.5}
+
+
+def test_the_comparison_prints_intervals_and_calls_a_pick_safer_only_beyond_them():
+    from safemerge.search.compare import FULL_SEARCH, STANDARD, format_comparison
+    from tests.test_paper_effect import parse_table
+
+    def row(name: str, safety: float, low: float, high: float) -> dict:
+        bounds = {"domain": 0.9, "domain_lo": 0.8, "domain_hi": 0.95, "over_refusal": 0.0, "over_refusal_lo": 0.0}
+        return {"name": name, "safety": safety, "safety_lo": low, "safety_hi": high, **bounds, "over_refusal_hi": 0.05}
+
+    rows = [
+        row("aligned", 1.0, 0.96, 1.0),
+        row(STANDARD, 0.866, 0.79, 0.92),
+        row("grid search (TIES density x weight)", 0.7, 0.6, 0.78),
+        row(FULL_SEARCH, 0.9, 0.83, 0.94),
+    ]
+    text = format_comparison(rows)
+    parsed = parse_table(text)
+    assert list(parsed) == [r["name"] for r in rows]
+    assert parsed[STANDARD]["safety"] == 0.866 and parsed[STANDARD]["safety_lo"] == 0.79
+    assert parsed[FULL_SEARCH]["over_refusal_hi"] == 0.05
+    assert f"vs {STANDARD}: safety +0.034, not shown safer (intervals overlap)" in text
+    assert "vs grid search (TIES density x weight): safety +0.200, safer beyond the intervals" in text
+    assert "vs aligned" not in text  # the input models are references, not rivals
