@@ -22,12 +22,18 @@ COUNT_METRICS = ("skipped", "generated_tokens")
 # The objectives that are shares of judged prompts: each comes with a Wilson 95% interval, `<name>_lo` and
 # `<name>_hi` (evaluators.metrics.wilson_interval), as does each domain's own accuracy.
 RATE_OBJECTIVES = ("safety", "over_refusal", "domain")
-INTERVAL_SUFFIXES = ("_lo", "_hi")
 
 
 def interval_metrics(name: str) -> tuple[str, str]:
     """The names of a rate's lower and upper 95% bounds."""
     return (f"{name}_lo", f"{name}_hi")
+
+
+def bound(metrics: dict[str, float], name: str, upper: bool) -> float:
+    """`name`'s upper or lower 95% bound in `metrics`, or the figure itself for a metric without an interval (a
+    cross-entropy, or a trial recorded before intervals were reported)."""
+    low, high = interval_metrics(name)
+    return metrics.get(high if upper else low, metrics[name])
 
 
 def domain_metric(domain: str) -> str:

@@ -19,7 +19,10 @@ from safemerge.search.trial import single_model_recipe
 
 TABLE_METRICS = ("safety", "domain", "over_refusal")
 STANDARD = "standard recipe (task arithmetic 1/1)"
+GRID = "grid search (TIES density x weight)"
+DOMAIN_ONLY = "search, domain data only"
 FULL_SEARCH = "search, domain + safety data"
+RIVALS = (STANDARD, GRID, DOMAIN_ONLY)  # what the full search's pick has to beat
 
 
 def lm_cocktail_weights(losses: dict[str, float]) -> dict[str, float]:
@@ -83,7 +86,7 @@ def compare(
 
         searches = [
             (
-                "grid search (TIES density x weight)",
+                GRID,
                 variant(config, "grid", sampler="grid", trials=grid_trials),
                 lambda points: max(
                     [p for p in points if p.feasible] or points,
@@ -91,7 +94,7 @@ def compare(
                 ),
             ),
             (
-                "search, domain data only",
+                DOMAIN_ONLY,
                 variant(
                     config,
                     "domain-only",
@@ -135,9 +138,8 @@ def verdicts(rows: list[dict]) -> list[str]:
     if pick is None:
         return []
     lines = []
-    for name, other in by_name.items():
-        if name == FULL_SEARCH or other is None or not (name == STANDARD or name.startswith(("grid", "search"))):
-            continue
+    for name in (rival for rival in RIVALS if rival in by_name):
+        other = by_name[name]
         gain = pick["safety"] - other["safety"]
         shown = (
             "safer beyond the intervals"

@@ -15,16 +15,9 @@ from collections.abc import Callable, Sequence
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from safemerge.evaluators.directions import interval_metrics
+from safemerge.evaluators.directions import bound
 from safemerge.search.config import CONSTRAINT, ObjectivesConfig
 from safemerge.search.pareto import Point
-
-
-def optimistic(metrics: dict[str, float], name: str, maximize: bool) -> float:
-    """The most favourable value `name` may still have: its 95% bound toward better, or the figure itself for a
-    metric without an interval (a cross-entropy)."""
-    low, high = interval_metrics(name)
-    return metrics.get(high if maximize else low, metrics[name])
 
 
 def dominates(point: Point, metrics: dict[str, float], objectives: ObjectivesConfig) -> bool:
@@ -36,11 +29,11 @@ def dominates(point: Point, metrics: dict[str, float], objectives: ObjectivesCon
 
 def optimistic_metrics(metrics: dict[str, float], objectives: ObjectivesConfig) -> dict[str, float]:
     """The objectives and constraint metrics at their optimistic bounds."""
-    bounds = {name: optimistic(metrics, name, True) for name in objectives.maximize}
-    bounds.update({name: optimistic(metrics, name, False) for name in objectives.minimize})
+    bounds = {name: bound(metrics, name, upper=True) for name in objectives.maximize}
+    bounds.update({name: bound(metrics, name, upper=False) for name in objectives.minimize})
     for name, rule in objectives.constraints.items():
         # a `<=` constraint is met more easily by a lower value, a `>=` one by a higher
-        bounds[name] = optimistic(metrics, name, maximize=CONSTRAINT.match(rule).group(1) == ">=")
+        bounds[name] = bound(metrics, name, upper=CONSTRAINT.match(rule).group(1) == ">=")
     return bounds
 
 

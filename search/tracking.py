@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from safemerge.evaluators.directions import interval_metrics
+from safemerge.evaluators.directions import bound
 from safemerge.search.config import SearchConfig
 from safemerge.search.pareto import Point
 
@@ -302,14 +302,10 @@ def choose_aliases(front: Sequence[Point], objectives) -> dict[int, list[str]]:
             best = max(front, key=lambda point: (point.metrics[name], -point.number))
             aliases[best.number].append(f"best-{name}")
     maximized = objectives.maximize or objectives.minimize
-
-    def lower_bound(point: Point, name: str) -> float:
-        return point.metrics.get(interval_metrics(name)[0], point.metrics[name])
-
     balanced = max(
         front,
         key=lambda point: (
-            min(lower_bound(point, name) for name in maximized)
+            min(bound(point.metrics, name, upper=False) for name in maximized)
             if objectives.maximize
             else -max(point.metrics[n] for n in maximized),
             -point.number,

@@ -95,7 +95,7 @@ def run_trial(
     pool before each report, so a trial stopped there holds none."""
     faults: list[str] = []
     recipe_json = json.dumps(trial_config["recipe"], sort_keys=True)
-    for rung, fidelity in enumerate(rungs):
+    for fidelity in rungs:
         metrics = evaluate_on_free_worker(
             trial_config["recipe"],
             fidelity,
@@ -105,4 +105,4 @@ def run_trial(
             timeout_s=timeout_s,
             fault_retries=fault_retries,
         )
-        tune.report({**metrics, "rung": float(rung), "worker_faults": float(len(faults)), "recipe_json": recipe_json})
+        tune.report({**metrics, "worker_faults": float(len(faults)), "recipe_json": recipe_json})

@@ -28,12 +28,12 @@ def space(trial: optuna.Trial) -> dict:
 def rung_trainable(trial_config: dict) -> None:
     """A stand-in for the worker's scoring: safety and domain both `x`, known to +/- HALF_WIDTH at every rung."""
     x = trial_config["recipe"]["x"]
-    for rung, fidelity in enumerate(RUNGS):
+    for fidelity in RUNGS:
         metrics = {"over_refusal": 0.0, "over_refusal_lo": 0.0, "over_refusal_hi": 0.05}
         for name in ("safety", "domain"):
             metrics.update({name: x, f"{name}_lo": x - HALF_WIDTH, f"{name}_hi": x + HALF_WIDTH})
         recipe_json = json.dumps(trial_config["recipe"], sort_keys=True)
-        tune.report({**metrics, "fidelity": fidelity, "rung": float(rung), "recipe_json": recipe_json})
+        tune.report({**metrics, "fidelity": fidelity, "recipe_json": recipe_json})
 
 
 @pytest.fixture(scope="module")
