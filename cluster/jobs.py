@@ -46,10 +46,9 @@ def job_client(address: str):
 
     With a token at hand it authenticates as `ray job submit` does on a cluster with token authentication (the
     default of a recent Ray): the token goes in the standard bearer header, which works however early this
-    process imported Ray, and RAY_AUTH_MODE=token is set for the Ray clients it builds later."""
+    process imported Ray. RAY_AUTH_MODE is left as it is: Ray reads it once per process, so setting it here
+    would make a later local `ray.init()` start a token-authenticated GCS that this process cannot reach."""
     token = ray_token()
-    if token is not None:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
     if "://" not in address:

@@ -422,3 +422,38 @@ def test_job_and_cluster_bad_input_is_one_line(tmp_path):
 
     nothing = run(SAFEMERGE, "cluster", "status", "--state-dir", str(tmp_path))
     assert nothing.returncode == 0 and "no cluster is recorded" in nothing.stdout
+
+
+def test_a_job_client_leaves_a_later_local_ray_reachable(tmp_path):
+    """The nightly watcher and the tests build a job client and later start a local Ray in the same process. The
+    client must not switch RAY_AUTH_MODE on for the process: Ray reads the mode once, so a local Ray started after
+    it ran a GCS with token authentication that the process's own client could not reach (CI: "Failed to start
+    GCS ... InvalidAuthToken")."""
+    probe = f"""
+import os, ray
+from ray._raylet import get_authentication_mode
+from safemerge.cluster.jobs import job_client
+from safemerge.errors import UserError
+get_authentication_mode()  # what any earlier use of Ray in the process does: the mode is read here, once
+try:
+    job_client("127.0.0.1:{free_port()}")
+except UserError:
+    pass
+assert "RAY_AUTH_MODE" not in os.environ, os.environ["RAY_AUTH_MODE"]
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+print(ray.get(ray.remote(lambda: "reachable").remote()))
+ray.shutdown()
+"""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a" * 32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**env, "HOME": str(home)},
+    )
+    assert result.returncode == 0 and "reachable" in result.stdout, result.stderr[-3000:]
