@@ -172,6 +172,19 @@ class EvaluationConfig(_Strict):
         return rungs
 
 
+class BudgetConfig(_Strict):
+    """Limits on what a search spends beyond its trial count (search/budget.py); the first one reached ends it.
+    No trial starts once a limit is reached; the trials running then finish, so a search may overrun it by
+    those."""
+
+    generated_tokens: int | None = Field(
+        None, ge=1, description="tokens the trials generate on the dev split, every rung included (null: no limit)"
+    )
+    minutes: float | None = Field(
+        None, gt=0, description="wall-clock minutes of the search, its earlier drivers' included (null: no limit)"
+    )
+
+
 class SearchConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: ModelsConfig
@@ -182,7 +195,8 @@ class SearchConfig(_Strict):
     module_filters: bool = Field(True, description="separate coefficients for self_attn, mlp and other tensors")
     objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
     sampler: Literal[SAMPLER_NAMES] = SAMPLER_NAMES[0]  # type: ignore[valid-type]
-    trials: int = Field(24, ge=1)
+    trials: int = Field(24, ge=1, description="the most trials the search runs; `budget` may end it sooner")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     warm_start: bool = Field(
         True, description="the first trials are each method's standard uniform recipe (not with the grid sampler)"
     )

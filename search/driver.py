@@ -24,6 +24,7 @@ from ray.util.queue import Queue
 
 from safemerge.errors import UserError
 from safemerge.files import write_text_atomic
+from safemerge.search.budget import SearchClock, exhausted, format_spend, spend_of
 from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.pareto import Point, hypervolume, pareto_front
@@ -61,9 +62,10 @@ def study_points(study: optuna.Study) -> list[Point]:
 
 
 class Progress(DriverSide, tune.Callback):
-    """One line per finished trial: done/total, failures, current hypervolume; `on_finished` hooks in."""
+    """One line per finished trial: done/total, failures, current hypervolume, the spend against the budget;
+    `on_finished` hooks in."""
 
-    driver_only = ("config", "study", "on_finished", "log")
+    driver_only = ("config", "study", "clock", "on_finished", "log")
 
     def __init__(
         self,
@@ -75,15 +77,29 @@ class Progress(DriverSide, tune.Callback):
     ) -> None:
         self.config, self.study, self.done, self.on_finished, self.log = config, study, already_done, on_finished, log
         self.failed = self.pruned = 0
-        self.started = time.perf_counter()
+        self.clock = SearchClock(study)
+        self.budget_reached: str | None = None
+
+    def spend_exhausted(self, running: int = 0) -> str | None:
+        """The budget limit the search has reached, its `running` trials counted at the mean cost of the
+        finished ones (said once, when first found), or None; the searcher asks before each trial it starts."""
+        reached = exhausted(self.config, spend_of(self.study, self.clock.seconds()).committed(running))
+        if reached is not None and self.budget_reached is None:
+            self.budget_reached = reached
+            self.log(
+                f"{self.config.name}: budget of {reached} reached, counting the trials still running; "
+                "no new trial starts"
+            )
+        return reached
 
     def _line(self, what: str) -> None:
         self.done += 1
+        self.clock.record()
         volume = hypervolume(study_points(self.study), self.config.objectives)
+        spend = format_spend(self.config, spend_of(self.study, self.clock.seconds()))
         self.log(
             f"[{self.done}/{self.config.trials}] {what} | failed {self.failed}"
-            f"{f' | pruned {self.pruned}' if self.pruned else ''} | hypervolume {volume:.4f} "
-            f"| {time.perf_counter() - self.started:.0f} s"
+            f"{f' | pruned {self.pruned}' if self.pruned else ''} | hypervolume {volume:.4f} | {spend}"
         )
         if self.on_finished is not None:
             self.on_finished()
@@ -211,6 +227,10 @@ def run_search(
         log(f"{config.name}: all {config.trials} trials already finished")
         return study
     done = config.trials - remaining
+    finished = (lambda: on_trial_finished(study)) if on_trial_finished else None
+    progress = Progress(config, study, done, finished, log)
+    if progress.spend_exhausted() is not None:  # a resumed search whose budget is spent: nothing to run
+        return study
     num_layers = ray.get(workers[0].num_layers.remote())
     free_workers = Queue()
     for index in range(len(workers)):
@@ -225,8 +245,8 @@ def run_search(
         objectives,
         trial_metric_names(config),
         points_to_evaluate=standard_points(config, num_layers)[:remaining] if warm_start else None,
+        budget_exhausted=progress.spend_exhausted,
     )
-    finished = (lambda: on_trial_finished(study)) if on_trial_finished else None
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -254,7 +274,7 @@ def run_search(
         run_config=tune.RunConfig(
             name=f"{config.name}-{int(time.time())}",
             storage_path=str(search_folder(config) / "ray"),
-            callbacks=[Progress(config, study, done, finished, log)],
+            callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             verbose=0,
         ),

@@ -13,6 +13,7 @@ import ray
 
 from safemerge.errors import UserError
 from safemerge.files import atomic_output_dir, write_json_atomic
+from safemerge.search.budget import SECONDS_ATTR, spend_of
 from safemerge.search.config import SearchConfig
 from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
 from safemerge.search.lease import DriverLease
@@ -123,6 +124,7 @@ def finalize_search(
                 "recipe": recipes[point.number],
             }
         )
+    spend = spend_of(study, float(study.user_attrs.get(SECONDS_ATTR, 0.0)))
     summary = {
         "search": config.name,
         "sampler": config.sampler,
@@ -130,7 +132,12 @@ def finalize_search(
         "completed": len(points),
         "failed": failed,
         "hypervolume": history[-1] if history else 0.0,
-        "parent_metrics": {**({"hypervolume": history[-1]} if history else {}), **similarity_metrics},
+        "spend": spend.metrics(),
+        "parent_metrics": {
+            **({"hypervolume": history[-1]} if history else {}),
+            **similarity_metrics,
+            **spend.metrics(),
+        },
         "front": entries,
         "mlflow_run": tracker.run_url,
     }
@@ -196,9 +203,11 @@ def format_front(summary: dict) -> str:
         f"{'trial':>5}  {'method':16} {'dev safety':>10} {'dev domain':>10} {'test safety':>11} "
         f"{'test domain':>11} {'test over-ref':>13}  registered"
     )
+    spend = summary.get("spend")  # (pareto.json files written before budgets have none)
+    spent = f", {spend['spent_generated_tokens']:,.0f} tokens in {spend['spent_minutes']:.1f} min" if spend else ""
     lines = [
         f"search {summary['search']} ({summary['sampler']}, {summary['completed']} trials, "
-        f"{summary['failed']} failed, hypervolume {summary['hypervolume']:.4f})",
+        f"{summary['failed']} failed, hypervolume {summary['hypervolume']:.4f}{spent})",
         header,
     ]
     for entry in summary["front"]:

@@ -36,7 +36,7 @@ class StudySearcher(DriverSide, Searcher):
     """Proposes trials from `study` with `space` (a function of an Optuna trial returning Tune's trial config),
     and tells the study what each trial scored; `metric_names` are the metrics kept on each trial."""
 
-    driver_only = ("study", "space", "running")
+    driver_only = ("study", "space", "running", "budget_exhausted")
 
     def __init__(
         self,
@@ -45,16 +45,21 @@ class StudySearcher(DriverSide, Searcher):
         objectives: ObjectivesConfig,
         metric_names: Sequence[str],
         points_to_evaluate: Sequence[dict[str, Any]] | None = None,
+        budget_exhausted: Callable[[int], str | None] | None = None,
     ) -> None:
         modes = ["max" if direction == "maximize" else "min" for direction in objectives.directions()]
         super().__init__(metric=objectives.names(), mode=modes)
         self.study, self.space, self.objectives = study, space, objectives
         self.metric_names = list(metric_names)
         self.running: dict[str, optuna.Trial] = {}
+        self.budget_exhausted = budget_exhausted
         for point in points_to_evaluate or []:
             self.study.enqueue_trial(point)
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        # Checked before the study is asked: a trial asked and never run would stay RUNNING in the record.
+        if self.budget_exhausted is not None and self.budget_exhausted(len(self.running)) is not None:
+            return Searcher.FINISHED
         trial = self.study.ask()
         self.running[trial_id] = trial
         return self.space(trial)

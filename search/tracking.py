@@ -124,6 +124,8 @@ class Tracker:
         params = {
             "sampler": config.sampler,
             "trials": config.trials,
+            "budget.generated_tokens": config.budget.generated_tokens,
+            "budget.minutes": config.budget.minutes,
             "workers": config.workers.count,
             "methods": ",".join(config.methods),
             "layer_groups": config.layer_groups,

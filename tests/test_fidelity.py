@@ -1,6 +1,7 @@
 """The multi-fidelity scheduler in a real Ray Tune run over a real Optuna study: trials report a rung at a time;
 those whose optimistic bounds a feasible full-split trial dominates stop at their first rung and are recorded as
-pruned, with their partial figures; the others run to the whole split and complete."""
+pruned, with their partial figures; the others run to the whole split and complete. And a budget in generated
+tokens ends a real Tune run: no trial starts once it is spent, the running ones finish."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import ray
 from ray import tune
 
-from safemerge.search.driver import study_points
+from safemerge.search.budget import spend_of
+from safemerge.search.driver import Progress, study_points
 from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.searcher import StudySearcher
 
@@ -25,6 +27,9 @@ def space(trial: optuna.Trial) -> dict:
     return {"recipe": {"merge_method": "linear", "x": trial.suggest_float("x", 0.0, 1.0)}}
 
 
+TOKENS_PER_RUNG = 100
+
+
 def rung_trainable(trial_config: dict) -> None:
     """A stand-in for the worker's scoring: safety and domain both `x`, known to +/- HALF_WIDTH at every rung."""
     x = trial_config["recipe"]["x"]
@@ -33,7 +38,8 @@ def rung_trainable(trial_config: dict) -> None:
         for name in ("safety", "domain"):
             metrics.update({name: x, f"{name}_lo": x - HALF_WIDTH, f"{name}_hi": x + HALF_WIDTH})
         recipe_json = json.dumps(trial_config["recipe"], sort_keys=True)
-        tune.report({**metrics, "fidelity": fidelity, "recipe_json": recipe_json})
+        tokens = TOKENS_PER_RUNG * (RUNGS.index(fidelity) + 1)  # cumulative, as a worker reports it
+        tune.report({**metrics, "fidelity": fidelity, "generated_tokens": tokens, "recipe_json": recipe_json})
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +88,32 @@ def test_dominated_trials_stop_at_their_first_rung_and_are_recorded_pruned(local
     assert set(scheduler.stopped.values()) <= {
         f"dominated by trial {t.number} even at its optimistic bounds" for t in completed
     }
+
+
+def test_a_token_budget_ends_the_search_once_spent_and_lets_running_trials_finish(local_ray, tmp_path):
+    budget = 5 * len(RUNGS) * TOKENS_PER_RUNG  # five whole trials' worth
+    config = make_config(**{"trials": 40, "budget.generated_tokens": budget})
+    study = optuna.create_study(
+        directions=config.objectives.directions(), sampler=optuna.samplers.RandomSampler(seed=1)
+    )
+    lines: list[str] = []
+    progress = Progress(config, study, 0, log=lines.append)
+    names = ["safety", "domain", "over_refusal", "fidelity", "generated_tokens"]
+    searcher = StudySearcher(study, space, config.objectives, names, budget_exhausted=progress.spend_exhausted)
+    concurrent = 2
+    tune.Tuner(
+        rung_trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=config.trials, max_concurrent_trials=concurrent, reuse_actors=True
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[progress], verbose=0),
+    ).fit()
+
+    states = [trial.state for trial in study.trials]
+    assert all(state == optuna.trial.TrialState.COMPLETE for state in states), states
+    # Every trial costs the same, so the running ones counted at the mean cost stop the search at exactly five.
+    assert len(states) == 5
+    assert spend_of(study, 0.0).generated_tokens == budget
+    assert f"{config.name}: budget of {budget:,} generated tokens reached" in "\n".join(lines)
+    last = [line for line in lines if line.startswith("[")][-1]
+    assert last.startswith("[5/40] linear") and f"tokens {budget:,}/{budget:,}" in last
