@@ -26,7 +26,11 @@ def _nsga2(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
 def _tpe(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     import optuna
 
-    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=_startup(config))
+    # constant_liar: trials still running count as bad results, so parallel workers are not all sent to the same
+    # region (Optuna's remedy for TPE under concurrency; the driver runs two trials per worker).
+    return optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=_startup(config)
+    )
 
 
 def _gp(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
