@@ -32,7 +32,7 @@ from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
-from safemerge.search.trainable import run_trial
+from safemerge.search.trainable import run_trial, start_head_start
 from safemerge.search.trial import trial_metric_names
 
 CONFIG_FILE = "config.yaml"
@@ -239,13 +239,22 @@ def run_search(
     objectives = config.objectives
     # A fresh search starts from each method's standard recipe; a resumed one has run (or queued) them already.
     warm_start = config.warm_start and config.sampler != "grid" and not study.trials
+    warm_points = standard_points(config, num_layers)[:remaining] if warm_start else []
     searcher = StudySearcher(
         open_study(config, sampler=make_sampler(config, trials_so_far=len(study.trials))),
         define_by_run,
         objectives,
         trial_metric_names(config),
-        points_to_evaluate=standard_points(config, num_layers)[:remaining] if warm_start else None,
+        points_to_evaluate=warm_points,
         budget_exhausted=progress.spend_exhausted,
+    )
+    # The warm-start trials' first rungs start now, dealt round the idle workers, while Tune starts (seconds).
+    head_starts = start_head_start(
+        [define_by_run(optuna.trial.FixedTrial(point))["recipe"] for point in warm_points],
+        config.evaluation.rungs[0],
+        workers,
+        free_workers,
+        restart_limit_s=config.evaluation.trial_timeout_s or 3600.0,
     )
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -255,6 +264,7 @@ def run_search(
             timeout_s=config.evaluation.trial_timeout_s,
             fault_retries=config.evaluation.fault_retries,
             rungs=tuple(config.evaluation.rungs),
+            head_starts=head_starts,
         ),
         {"cpu": 0.01},
     )

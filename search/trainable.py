@@ -11,6 +11,7 @@ search's own modules (torch, Optuna, pydantic) would add seconds to the start of
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import ray
@@ -81,6 +82,52 @@ def evaluate_on_free_worker(
             )
 
 
+def recipe_key(recipe: dict) -> str:
+    return json.dumps(recipe, sort_keys=True)
+
+
+def start_head_start(
+    recipes: list[dict], fidelity: float, workers: list, free_workers: Queue, restart_limit_s: float
+) -> dict[str, tuple]:
+    """Start the first rung of the warm-start trials now, before Tune is up, dealt round the workers (an actor runs
+    its calls in turn): Tune's start costs seconds, and at zoo scale a search lasts tens of them, so the workers
+    would otherwise wait through it. Returns recipe key -> (ObjectRef of the evaluation, worker index), which the
+    trials of those recipes read instead of evaluating (`run_trial`); a thread hands each worker back to the pool
+    when its last such evaluation ends (after a restart, once it serves again)."""
+    indices = [free_workers.get(block=True) for _ in range(min(len(recipes), len(workers)))]
+    started: dict[str, tuple] = {}
+    for turn, recipe in enumerate(recipes):
+        index = indices[turn % len(indices)]
+        started[recipe_key(recipe)] = (workers[index].evaluate.remote(recipe, "dev", fidelity), index)
+
+    def hand_back() -> None:
+        pending = {ref: index for ref, index in started.values()}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ready[0])
+            if index not in pending.values() and wait_until_up(workers[index], restart_limit_s):
+                free_workers.put(index)
+
+    threading.Thread(target=hand_back, name="head-start-hand-back", daemon=True).start()
+    return started
+
+
+def head_start_result(
+    head_start: tuple, workers: list, faults: list[str], timeout_s: float | None
+) -> dict[str, float] | None:
+    """The metrics of an evaluation `start_head_start` began; None when its worker died or hung (recorded in
+    `faults`: the caller evaluates again on a free worker). An error of the recipe's own is raised, as always."""
+    ref, index = head_start
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.kill(workers[index], no_restart=False)
+        faults.append(f"worker {index} timed out after {timeout_s:g} s")
+    except RayActorError as error:
+        faults.append(f"worker {index} died ({type(error).__name__})")
+    return None
+
+
 def run_trial(
     trial_config: dict,
     workers: list,
@@ -89,20 +136,25 @@ def run_trial(
     timeout_s: float | None,
     fault_retries: int,
     rungs: tuple[float, ...] = (1.0,),
+    head_starts: dict[str, tuple] | None = None,
 ) -> None:
     """Evaluate the recipe on each rung's share of the dev split in turn, reporting a flat dict of metrics after
     each: the search's scheduler may stop the trial at any report (search/fidelity.py). The worker is back in the
-    pool before each report, so a trial stopped there holds none."""
+    pool before each report, so a trial stopped there holds none. A recipe in `head_starts` takes its first rung
+    from the evaluation the driver started before Tune (`start_head_start`)."""
     faults: list[str] = []
-    recipe_json = json.dumps(trial_config["recipe"], sort_keys=True)
-    for fidelity in rungs:
-        metrics = evaluate_on_free_worker(
-            trial_config["recipe"],
-            fidelity,
-            workers,
-            free_workers,
-            faults,
-            timeout_s=timeout_s,
-            fault_retries=fault_retries,
-        )
+    recipe_json = recipe_key(trial_config["recipe"])
+    head_start = (head_starts or {}).get(recipe_json)
+    for rung, fidelity in enumerate(rungs):
+        metrics = head_start_result(head_start, workers, faults, timeout_s) if rung == 0 and head_start else None
+        if metrics is None:
+            metrics = evaluate_on_free_worker(
+                trial_config["recipe"],
+                fidelity,
+                workers,
+                free_workers,
+                faults,
+                timeout_s=timeout_s,
+                fault_retries=fault_retries,
+            )
         tune.report({**metrics, "worker_faults": float(len(faults)), "recipe_json": recipe_json})

@@ -1,11 +1,13 @@
 """The multi-fidelity scheduler in a real Ray Tune run over a real Optuna study: trials report a rung at a time;
 those whose optimistic bounds a feasible full-split trial dominates stop at their first rung and are recorded as
-pruned, with their partial figures; the others run to the whole split and complete. And a budget in generated
-tokens ends a real Tune run: no trial starts once it is spent, the running ones finish."""
+pruned, with their partial figures; the others run to the whole split and complete. A budget in generated tokens
+ends a real Tune run: no trial starts once it is spent, the running ones finish. And the trainable takes the
+first trials' evaluations that the driver started on the workers before Tune, evaluating nothing twice."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import optuna
 import pytest
@@ -16,6 +18,7 @@ from safemerge.search.budget import spend_of
 from safemerge.search.driver import Progress, study_points
 from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.searcher import StudySearcher
+from safemerge.search.trainable import run_trial, start_head_start
 
 from .unit.support import make_config
 
@@ -117,3 +120,60 @@ def test_a_token_budget_ends_the_search_once_spent_and_lets_running_trials_finis
     assert f"{config.name}: budget of {budget:,} generated tokens reached" in "\n".join(lines)
     last = [line for line in lines if line.startswith("[")][-1]
     assert last.startswith("[5/40] linear") and f"tokens {budget:,}/{budget:,}" in last
+
+
+@ray.remote
+class CountingWorker:
+    """A worker actor's interface (search/trial.py) over the stand-in scoring, recording each evaluation."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []
+
+    def evaluate(self, recipe: dict, split: str, fidelity: float) -> dict:
+        self.calls.append((time.time(), recipe["x"]))
+        time.sleep(0.3)
+        metrics = {name: recipe["x"] for name in ("safety", "domain")}
+        return {**metrics, "over_refusal": 0.0, "fidelity": fidelity}
+
+    def num_layers(self) -> int:
+        return 2
+
+    def evaluations(self) -> list[tuple[float, float]]:
+        return self.calls
+
+
+def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tmp_path):
+    from ray.util.queue import Queue
+
+    config = make_config()
+    workers = [CountingWorker.remote() for _ in range(2)]
+    ray.get([worker.num_layers.remote() for worker in workers])  # up, as the driver's workers are by now
+    free_workers = Queue()
+    for index in range(len(workers)):
+        free_workers.put(index)
+    warm = [{"x": 0.3}, {"x": 0.6}, {"x": 0.9}]
+    study = optuna.create_study(
+        directions=config.objectives.directions(), sampler=optuna.samplers.RandomSampler(seed=2)
+    )
+    searcher = StudySearcher(
+        study, space, config.objectives, ["safety", "domain", "over_refusal"], points_to_evaluate=warm
+    )
+    head_starts = start_head_start(
+        [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm], 1.0, workers, free_workers, 60.0
+    )
+    assert {index for _, index in head_starts.values()} == {0, 1}  # dealt round both workers
+    fit_called = time.time()
+    trainable = tune.with_parameters(
+        run_trial, workers=workers, free_workers=free_workers, timeout_s=60.0, fault_retries=0, head_starts=head_starts
+    )
+    tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=5, max_concurrent_trials=4, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    ).fit()
+
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 5
+    assert [t.user_attrs["metrics"]["safety"] for t in study.trials[:3]] == [0.3, 0.6, 0.9]
+    calls = sorted(call for worker in workers for call in ray.get(worker.evaluations.remote()))
+    assert len(calls) == 5  # the head-started evaluations were taken, not run again
+    assert sorted(x for started, x in calls if started < fit_called) == [0.3, 0.6]  # the third queued behind
