@@ -59,10 +59,12 @@ def _cmaes(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=max(2, config.trials // 6))
 
 
-# name -> factory(config, seed); the first is the default.
+# name -> factory(config, seed); the first is the default. TPE, as measured by benchmarks/search_efficiency.py on
+# the zoo at equal cost (150,000 generated tokens, 3 seeds, 2 workers): hypervolume 0.845 +/- 0.006 (standard error)
+# against nsga2 0.826, gp 0.825, cmaes 0.830 and random 0.826; at about 24 trials NSGA-II's proposals were random's.
 SAMPLERS: dict[str, Callable[[SearchConfig, int], optuna.samplers.BaseSampler]] = {
-    "nsga2": _nsga2,
     "tpe": _tpe,
+    "nsga2": _nsga2,
     "gp": _gp,
     "random": _random,
     "grid": _grid,

@@ -171,7 +171,7 @@ def write_stub_family(out: Path, family: str) -> Path:
         },
         "methods": ["ties", "dare_ties", "task_arithmetic", "slerp", "mergealign"],
         "layer_groups": 4,
-        "sampler": "nsga2",
+        "sampler": "tpe",
         "workers": {"count": 1, "cpus": 8, "gpus": 1, "gpu_memory_gib": 80, "host_memory_gib": 256},
         "evaluation": {"judge": "guard", "max_tokens": 256, "max_model_len": 4096},
     }

@@ -21,7 +21,7 @@ CONFIG_DATA = {
     "layer_groups": 2,
     "module_filters": True,
     "objectives": {"maximize": ["safety", "domain"], "constraints": {"over_refusal": "<= 0.1"}},
-    "sampler": "nsga2",
+    "sampler": "tpe",
     "trials": 24,
     "seed": 0,
 }

@@ -86,7 +86,7 @@ def test_load_config_errors_name_the_file(tmp_path):
         ({"workers.count": 0}, "workers.count: count must be at least 1, or 'auto'"),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
         ({"evaluaton.limit": 5}, "evaluaton: Extra inputs are not permitted"),
-        ({"sampler": "annealing"}, "sampler: Input should be 'nsga2'"),
+        ({"sampler": "annealing"}, "sampler: Input should be 'tpe'"),
         ({"evaluation.alpha": float("nan")}, "evaluation.alpha: Input should be a finite number"),
         ({"workers.gpu_memory_gib": float("inf")}, "workers.gpu_memory_gib: Input should be a finite number"),
     ],

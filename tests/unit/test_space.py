@@ -56,7 +56,7 @@ def leaves(setting) -> list:
 
 def test_every_sampler_the_config_accepts_is_built_as_its_kind():
     assert set(SAMPLER_NAMES) == set(SAMPLER_CLASSES)  # a new sampler needs its row here
-    assert SAMPLER_NAMES[0] == make_config().sampler == "nsga2"  # the first is the default
+    assert SAMPLER_NAMES[0] == make_config().sampler == "tpe"  # the first is the default
     for name in SAMPLER_NAMES:
         config = sampler_config(name)
         assert config.sampler == name
