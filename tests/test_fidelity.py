@@ -7,7 +7,9 @@ first trials' evaluations that the driver started on the workers before Tune, ev
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -142,6 +144,12 @@ class CountingWorker:
         return self.calls
 
 
+def timed_run_trial(trial_config: dict, started_dir: str, **options) -> None:
+    """The trainable, noting when each Tune trial began (a file per trial: trials run in their own processes)."""
+    (Path(started_dir) / f"{os.getpid()}-{time.time()}").write_text("")
+    run_trial(trial_config, **options)
+
+
 def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tmp_path):
     from ray.util.queue import Queue
 
@@ -162,9 +170,16 @@ def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tm
         [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm], 1.0, workers, free_workers, 60.0
     )
     assert {index for _, index in head_starts.values()} == {0, 1}  # dealt round both workers
-    fit_called = time.time()
+    started_dir = tmp_path / "trial-starts"
+    started_dir.mkdir()
     trainable = tune.with_parameters(
-        run_trial, workers=workers, free_workers=free_workers, timeout_s=60.0, fault_retries=0, head_starts=head_starts
+        timed_run_trial,
+        started_dir=str(started_dir),
+        workers=workers,
+        free_workers=free_workers,
+        timeout_s=60.0,
+        fault_retries=0,
+        head_starts=head_starts,
     )
     tune.Tuner(
         trainable,
@@ -176,4 +191,6 @@ def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tm
     assert [t.user_attrs["metrics"]["safety"] for t in study.trials[:3]] == [0.3, 0.6, 0.9]
     calls = sorted(call for worker in workers for call in ray.get(worker.evaluations.remote()))
     assert len(calls) == 5  # the head-started evaluations were taken, not run again
-    assert sorted(x for started, x in calls if started < fit_called) == [0.3, 0.6]  # the third queued behind
+    # Both workers were evaluating before Tune's first trial began (the third head start queued behind one).
+    first_trial = min(float(path.name.split("-")[1]) for path in started_dir.iterdir())
+    assert sorted(x for started, x in calls if started < first_trial)[:2] == [0.3, 0.6], (calls, first_trial)
