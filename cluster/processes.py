@@ -6,6 +6,7 @@ raylet, dashboard and workers; MLflow's uvicorn workers) and nothing else on the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -35,9 +36,19 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: every probe stays bound until all are chosen, as separate probes may be given
+    the same port (measured: a Ray dashboard and an MLflow server handed one port by two `free_port` calls)."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
 
 
 def http_ok(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> bool:

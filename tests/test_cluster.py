@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from safemerge.cluster.jobs import job_client
-from safemerge.cluster.processes import free_port, port_in_use
+from safemerge.cluster.processes import free_port, free_ports, port_in_use
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -36,7 +36,7 @@ def run(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
 
 
 def cluster_ports() -> dict[str, int]:
-    return {"ray": free_port(), "dashboard": free_port(), "mlflow": free_port(), "agent": free_port()}
+    return dict(zip(("ray", "dashboard", "mlflow", "agent"), free_ports(4), strict=True))
 
 
 def cluster_up(state_dir: Path, ports: dict[str, int]) -> subprocess.CompletedProcess:

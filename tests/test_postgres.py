@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from safemerge.cluster.local import ensure_ray_token
-from safemerge.cluster.processes import free_port, start_service, stop_session, venv_tool, wait_until
+from safemerge.cluster.processes import free_port, free_ports, start_service, stop_session, venv_tool, wait_until
 from tests.conftest import report_figure
 from tests.test_search import REPO, SAFEMERGE, search_overrides
 
@@ -180,15 +180,16 @@ def ray_node_command(
         ]
     else:
         command += ["--address", address]
-    for option in (
+    options = (
         "--node-manager-port",
         "--object-manager-port",
         "--dashboard-agent-listen-port",
         "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port",
         "--metrics-export-port",
-    ):
-        command += [option, str(free_port())]
+    )
+    for option, port in zip(options, free_ports(len(options)), strict=True):
+        command += [option, str(port)]
     command += [
         "--num-cpus",
         "2",
