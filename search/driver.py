@@ -29,7 +29,7 @@ from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.samplers import make_sampler
-from safemerge.search.searcher import DriverSide, StudySearcher
+from safemerge.search.searcher import REPEAT_OF, DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
 from safemerge.search.trainable import run_trial, start_head_start
@@ -51,11 +51,11 @@ class DefineByRun:
 
 
 def study_points(study: optuna.Study) -> list[Point]:
-    """Every completed trial as a Pareto point."""
+    """Every completed trial as a Pareto point, but repeats of an earlier trial's recipe (the same point)."""
     points = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         metrics = trial.user_attrs.get("metrics")
-        if metrics is None:
+        if metrics is None or REPEAT_OF in trial.user_attrs:
             continue
         points.append(Point(trial.number, metrics, all(v <= 0 for v in trial.user_attrs.get("constraint", [0.0]))))
     return points
@@ -110,6 +110,8 @@ class Progress(DriverSide, tune.Callback):
         faults = int(result.get("worker_faults", 0))
         rerun = f" (re-run after {faults} worker fault{'s' if faults > 1 else ''})" if faults else ""
         fidelity = result.get("fidelity", 1.0)
+        if REPEAT_OF in result:
+            rerun += f" (the recipe of trial {int(result[REPEAT_OF])}: its figures, not evaluated again)"
         if fidelity < 1.0:
             self.pruned += 1
             rerun += f" (pruned at {fidelity:g} of the dev split)"

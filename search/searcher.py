@@ -18,6 +18,10 @@ from ray.tune.search import Searcher
 
 from safemerge.search.config import ObjectivesConfig
 
+# A trial whose recipe an earlier trial scored: it reports that trial's number under this key, and keeps it as a
+# user attribute (search.driver.study_points leaves such trials out of the front).
+REPEAT_OF = "repeat_of"
+
 
 class DriverSide:
     """A Tune searcher or callback that lives in the driver only. Tune pickles both into its experiment state
@@ -62,7 +66,23 @@ class StudySearcher(DriverSide, Searcher):
             return Searcher.FINISHED
         trial = self.study.ask()
         self.running[trial_id] = trial
-        return self.space(trial)
+        trial_config = self.space(trial)
+        earlier = self._scored_before(trial_config["recipe"])
+        if earlier is not None:
+            # The exact recipe of a trial scored on the whole split (a method with no searched parameter, proposed
+            # again): the trial reports those figures without evaluating (search/trainable.py), so the sampler is
+            # told and nothing is generated twice.
+            metrics = {**earlier.user_attrs["metrics"], "generated_tokens": 0.0}
+            trial_config[REPEAT_OF] = {"trial": earlier.number, "metrics": metrics}
+        return trial_config
+
+    def _scored_before(self, recipe: dict) -> optuna.trial.FrozenTrial | None:
+        key = json.dumps(recipe, sort_keys=True)
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            attrs = trial.user_attrs
+            if REPEAT_OF not in attrs and "recipe" in attrs and json.dumps(attrs["recipe"], sort_keys=True) == key:
+                return trial
+        return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.running.pop(trial_id, None)
@@ -79,6 +99,8 @@ class StudySearcher(DriverSide, Searcher):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
         self._keep_figures(trial, result)
+        if REPEAT_OF in result:
+            trial.set_user_attr(REPEAT_OF, int(result[REPEAT_OF]))
         violations = self.objectives.violations(result)
         trial.set_user_attr("constraint", violations)
         for name, value in zip(self.objectives.constraints, violations, strict=True):

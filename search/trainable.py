@@ -141,9 +141,14 @@ def run_trial(
     """Evaluate the recipe on each rung's share of the dev split in turn, reporting a flat dict of metrics after
     each: the search's scheduler may stop the trial at any report (search/fidelity.py). The worker is back in the
     pool before each report, so a trial stopped there holds none. A recipe in `head_starts` takes its first rung
-    from the evaluation the driver started before Tune (`start_head_start`)."""
-    faults: list[str] = []
+    from the evaluation the driver started before Tune (`start_head_start`); a repeat of a recipe already scored
+    reports the figures the searcher gave it, and evaluates nothing."""
     recipe_json = recipe_key(trial_config["recipe"])
+    repeat = trial_config.get("repeat_of")  # (search.searcher.REPEAT_OF: this module imports Ray only)
+    if repeat is not None:
+        tune.report({**repeat["metrics"], "repeat_of": float(repeat["trial"]), "recipe_json": recipe_json})
+        return
+    faults: list[str] = []
     head_start = (head_starts or {}).get(recipe_json)
     for rung, fidelity in enumerate(rungs):
         metrics = head_start_result(head_start, workers, faults, timeout_s) if rung == 0 and head_start else None

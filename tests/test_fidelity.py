@@ -194,3 +194,28 @@ def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tm
     # Both workers were evaluating before Tune's first trial began (the third head start queued behind one).
     first_trial = min(float(path.name.split("-")[1]) for path in started_dir.iterdir())
     assert sorted(x for started, x in calls if started < first_trial)[:2] == [0.3, 0.6], (calls, first_trial)
+
+
+def test_a_recipe_proposed_again_is_reported_from_its_first_trial_and_not_evaluated(local_ray, tmp_path):
+    from ray.util.queue import Queue
+
+    config = make_config()
+    workers = [CountingWorker.remote()]
+    free_workers = Queue()
+    free_workers.put(0)
+    study = optuna.create_study(directions=config.objectives.directions())
+    fixed = lambda trial: {"recipe": {"merge_method": "karcher", "x": trial.suggest_float("x", 0.7, 0.7)}}  # noqa: E731
+    searcher = StudySearcher(study, fixed, config.objectives, ["safety", "domain", "over_refusal", "generated_tokens"])
+    trainable = tune.with_parameters(
+        run_trial, workers=workers, free_workers=free_workers, timeout_s=60.0, fault_retries=0
+    )
+    tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    ).fit()
+
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.user_attrs.get("repeat_of") for t in study.trials] == [None, 0, 0]
+    assert len({tuple(t.values) for t in study.trials}) == 1
+    assert len(ray.get(workers[0].evaluations.remote())) == 1  # evaluated once

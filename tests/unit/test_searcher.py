@@ -189,3 +189,26 @@ def test_the_searcher_and_progress_pickle_without_their_study(sampler, tmp_path)
         dumped = cloudpickle.dumps(thing)
         assert cloudpickle.loads(dumped).study is None
         assert str(tmp_path).encode() not in dumped  # nor the storage URL
+
+
+def test_a_recipe_scored_before_is_reported_again_without_evaluating_and_kept_off_the_front():
+    """karcher, arcee_fusion and ram have no searched parameter: a sampler may propose one again and again."""
+    config = make_config()
+    study = optuna.create_study(directions=config.objectives.directions())
+    same = lambda trial: {"recipe": {"merge_method": "karcher", "n": trial.suggest_int("n", 1, 1)}}  # noqa: E731
+    searcher = StudySearcher(study, same, config.objectives, trial_metric_names(config))
+    first = searcher.suggest("tune-1")
+    assert "repeat_of" not in first
+    figures = {"safety": 0.9, "domain": 0.6, "over_refusal": 0.05, "generated_tokens": 900.0, "fidelity": 1.0}
+    searcher.on_trial_complete("tune-1", result_for(first, **figures))
+
+    second = searcher.suggest("tune-2")
+    assert second["repeat_of"] == {"trial": 0, "metrics": {**figures, "generated_tokens": 0.0}}
+    # what the trainable reports for it (search/trainable.py): the figures, the trial it repeats, no tokens
+    reported = {**second["repeat_of"]["metrics"], "repeat_of": 0.0}
+    searcher.on_trial_complete("tune-2", result_for(second, **reported))
+    repeat = study.trials[1]
+    assert repeat.state == COMPLETE and repeat.values == study.trials[0].values
+    assert repeat.user_attrs["repeat_of"] == 0 and repeat.user_attrs["metrics"]["generated_tokens"] == 0.0
+    assert [point.number for point in study_points(study)] == [0]  # one point on the front, not two copies
+    assert searcher.suggest("tune-3")["repeat_of"]["trial"] == 0  # a repeat is never the one repeated
