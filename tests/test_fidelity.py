@@ -150,15 +150,31 @@ def timed_run_trial(trial_config: dict, started_dir: str, **options) -> None:
     run_trial(trial_config, **options)
 
 
-def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tmp_path):
+def counting_pool(count: int) -> tuple[list, object]:
+    """`count` counting workers, up (as the driver's are when a search starts), and the queue of free ones."""
     from ray.util.queue import Queue
 
-    config = make_config()
-    workers = [CountingWorker.remote() for _ in range(2)]
-    ray.get([worker.num_layers.remote() for worker in workers])  # up, as the driver's workers are by now
+    workers = [CountingWorker.remote() for _ in range(count)]
+    ray.get([worker.num_layers.remote() for worker in workers])
     free_workers = Queue()
-    for index in range(len(workers)):
+    for index in range(count):
         free_workers.put(index)
+    return workers, free_workers
+
+
+def fit(trainable, searcher: StudySearcher, tmp_path, trials: int, concurrent: int) -> None:
+    tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrent, reuse_actors=True
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    ).fit()
+
+
+def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tmp_path):
+    config = make_config()
+    workers, free_workers = counting_pool(2)
     warm = [{"x": 0.3}, {"x": 0.6}, {"x": 0.9}]
     study = optuna.create_study(
         directions=config.objectives.directions(), sampler=optuna.samplers.RandomSampler(seed=2)
@@ -181,11 +197,7 @@ def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tm
         fault_retries=0,
         head_starts=head_starts,
     )
-    tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=5, max_concurrent_trials=4, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
-    ).fit()
+    fit(trainable, searcher, tmp_path, trials=5, concurrent=4)
 
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 5
     assert [t.user_attrs["metrics"]["safety"] for t in study.trials[:3]] == [0.3, 0.6, 0.9]
@@ -197,23 +209,15 @@ def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tm
 
 
 def test_a_recipe_proposed_again_is_reported_from_its_first_trial_and_not_evaluated(local_ray, tmp_path):
-    from ray.util.queue import Queue
-
     config = make_config()
-    workers = [CountingWorker.remote()]
-    free_workers = Queue()
-    free_workers.put(0)
+    workers, free_workers = counting_pool(1)
     study = optuna.create_study(directions=config.objectives.directions())
     fixed = lambda trial: {"recipe": {"merge_method": "karcher", "x": trial.suggest_float("x", 0.7, 0.7)}}  # noqa: E731
     searcher = StudySearcher(study, fixed, config.objectives, ["safety", "domain", "over_refusal", "generated_tokens"])
     trainable = tune.with_parameters(
         run_trial, workers=workers, free_workers=free_workers, timeout_s=60.0, fault_retries=0
     )
-    tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, max_concurrent_trials=1, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
-    ).fit()
+    fit(trainable, searcher, tmp_path, trials=3, concurrent=1)
 
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert [t.user_attrs.get("repeat_of") for t in study.trials] == [None, 0, 0]
