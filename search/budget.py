@@ -42,12 +42,17 @@ class Spend:
         }
 
 
+def recorded_seconds(study: optuna.Study) -> float:
+    """The search's wall time as its drivers last recorded it on the study."""
+    return float(study.user_attrs.get(SECONDS_ATTR, 0.0))
+
+
 class SearchClock:
     """This driver's wall time on top of what the search's earlier drivers recorded on the study."""
 
     def __init__(self, study: optuna.Study) -> None:
         self.study = study
-        self.before = float(study.user_attrs.get(SECONDS_ATTR, 0.0))
+        self.before = recorded_seconds(study)
         self.started = time.monotonic()
 
     def seconds(self) -> float:

@@ -29,10 +29,10 @@ from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.samplers import make_sampler
-from safemerge.search.searcher import REPEAT_OF, DriverSide, StudySearcher
+from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
-from safemerge.search.trainable import run_trial, start_head_start
+from safemerge.search.trainable import REPEAT_OF, run_trial, start_head_start
 from safemerge.search.trial import trial_metric_names
 
 CONFIG_FILE = "config.yaml"

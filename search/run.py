@@ -13,7 +13,7 @@ import ray
 
 from safemerge.errors import UserError
 from safemerge.files import atomic_output_dir, write_json_atomic
-from safemerge.search.budget import SECONDS_ATTR, spend_of
+from safemerge.search.budget import recorded_seconds, spend_of
 from safemerge.search.config import SearchConfig
 from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
 from safemerge.search.lease import DriverLease
@@ -124,7 +124,7 @@ def finalize_search(
                 "recipe": recipes[point.number],
             }
         )
-    spend = spend_of(study, float(study.user_attrs.get(SECONDS_ATTR, 0.0)))
+    spend = spend_of(study, recorded_seconds(study))
     summary = {
         "search": config.name,
         "sampler": config.sampler,

@@ -17,10 +17,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from safemerge.search.config import ObjectivesConfig
-
-# A trial whose recipe an earlier trial scored: it reports that trial's number under this key, and keeps it as a
-# user attribute (search.driver.study_points leaves such trials out of the front).
-REPEAT_OF = "repeat_of"
+from safemerge.search.trainable import REPEAT_OF, recipe_key
 
 
 class DriverSide:
@@ -77,10 +74,10 @@ class StudySearcher(DriverSide, Searcher):
         return trial_config
 
     def _scored_before(self, recipe: dict) -> optuna.trial.FrozenTrial | None:
-        key = json.dumps(recipe, sort_keys=True)
+        # Trials keep their recipe as reported (parsed from `recipe_json`): this one in the same form, once.
+        reported = json.loads(recipe_key(recipe))
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            attrs = trial.user_attrs
-            if REPEAT_OF not in attrs and "recipe" in attrs and json.dumps(attrs["recipe"], sort_keys=True) == key:
+            if REPEAT_OF not in trial.user_attrs and trial.user_attrs.get("recipe") == reported:
                 return trial
         return None
 

@@ -38,6 +38,22 @@ def wait_until_up(worker, limit_s: float) -> bool:
     return False
 
 
+def await_evaluation(
+    evaluation, workers: list, index: int, faults: list[str], timeout_s: float | None
+) -> dict[str, float] | None:
+    """The metrics of worker `index`'s `evaluation` (an ObjectRef); None when the worker died or hung, recorded in
+    `faults` (a hung one is ended: as a restartable actor it comes back with fresh engines). An error of the
+    recipe's own is raised."""
+    try:
+        return ray.get(evaluation, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.kill(workers[index], no_restart=False)
+        faults.append(f"worker {index} timed out after {timeout_s:g} s")
+    except RayActorError as error:
+        faults.append(f"worker {index} died ({type(error).__name__})")
+    return None
+
+
 def evaluate_on_free_worker(
     recipe: dict,
     fidelity: float,
@@ -60,21 +76,18 @@ def evaluate_on_free_worker(
             index = free_workers.get(block=True, timeout=free_wait_s)
         except Empty as error:
             raise WorkerFaults(f"no worker was free for {free_wait_s:g} s; faults so far: {faults}") from error
-        worker, healthy = workers[index], True
+        healthy = True  # also when the recipe's own error is raised: the worker serves on
         try:
-            return ray.get(worker.evaluate.remote(recipe, "dev", fidelity), timeout=timeout_s)
-        except GetTimeoutError:
-            # Hung: end the process; as a restartable actor it comes back with fresh engines.
-            ray.kill(worker, no_restart=False)
-            faults.append(f"worker {index} timed out after {timeout_s:g} s")
-            healthy = False
-        except RayActorError as error:
-            faults.append(f"worker {index} died ({type(error).__name__})")
-            healthy = False
+            metrics = await_evaluation(
+                workers[index].evaluate.remote(recipe, "dev", fidelity), workers, index, faults, timeout_s
+            )
+            healthy = metrics is not None
         finally:
             # A worker goes back to the pool only once it serves: a dead one is never handed out.
-            if healthy or wait_until_up(worker, restart_limit_s):
+            if healthy or wait_until_up(workers[index], restart_limit_s):
                 free_workers.put(index)
+        if metrics is not None:
+            return metrics
         if len(faults) > fault_retries:
             raise WorkerFaults(
                 f"the trial's evaluation was interrupted {len(faults)} times ({'; '.join(faults)}); "
@@ -82,7 +95,14 @@ def evaluate_on_free_worker(
             )
 
 
+# A trial whose recipe an earlier trial scored carries that trial's number and figures under this key in its Tune
+# config, reports the number under it, and keeps it as a user attribute (search.driver.study_points leaves such
+# trials out of the front). Defined here, as this module imports Ray only.
+REPEAT_OF = "repeat_of"
+
+
 def recipe_key(recipe: dict) -> str:
+    """A recipe as one comparable string: the form trials report it in (`recipe_json`)."""
     return json.dumps(recipe, sort_keys=True)
 
 
@@ -112,22 +132,6 @@ def start_head_start(
     return started
 
 
-def head_start_result(
-    head_start: tuple, workers: list, faults: list[str], timeout_s: float | None
-) -> dict[str, float] | None:
-    """The metrics of an evaluation `start_head_start` began; None when its worker died or hung (recorded in
-    `faults`: the caller evaluates again on a free worker). An error of the recipe's own is raised, as always."""
-    ref, index = head_start
-    try:
-        return ray.get(ref, timeout=timeout_s)
-    except GetTimeoutError:
-        ray.kill(workers[index], no_restart=False)
-        faults.append(f"worker {index} timed out after {timeout_s:g} s")
-    except RayActorError as error:
-        faults.append(f"worker {index} died ({type(error).__name__})")
-    return None
-
-
 def run_trial(
     trial_config: dict,
     workers: list,
@@ -144,14 +148,15 @@ def run_trial(
     from the evaluation the driver started before Tune (`start_head_start`); a repeat of a recipe already scored
     reports the figures the searcher gave it, and evaluates nothing."""
     recipe_json = recipe_key(trial_config["recipe"])
-    repeat = trial_config.get("repeat_of")  # (search.searcher.REPEAT_OF: this module imports Ray only)
+    repeat = trial_config.get(REPEAT_OF)
     if repeat is not None:
-        tune.report({**repeat["metrics"], "repeat_of": float(repeat["trial"]), "recipe_json": recipe_json})
+        tune.report({**repeat["metrics"], REPEAT_OF: float(repeat["trial"]), "recipe_json": recipe_json})
         return
     faults: list[str] = []
     head_start = (head_starts or {}).get(recipe_json)
     for rung, fidelity in enumerate(rungs):
-        metrics = head_start_result(head_start, workers, faults, timeout_s) if rung == 0 and head_start else None
+        # A head start whose worker died or hung counts as a fault; the rung is then evaluated on a free worker.
+        metrics = await_evaluation(*head_start, workers, faults, timeout_s) if rung == 0 and head_start else None
         if metrics is None:
             metrics = evaluate_on_free_worker(
                 trial_config["recipe"],

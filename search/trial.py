@@ -7,7 +7,6 @@ error and the worker takes the next one.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import Recipe, parse_recipe, to_mergekit_yaml
 from safemerge.search.config import BASE_ROLE, SearchConfig
 from safemerge.search.plan import check_plan, plan_worker
+from safemerge.search.trainable import recipe_key
 
 # What a worker adds to the evaluator's metrics of a trial: which worker, how long, and the share of the split
 # scored (below 1 for a multi-fidelity trial stopped at an early rung).
@@ -140,7 +140,7 @@ class TrialWorker:
         index and the evaluation's duration. A multi-fidelity trial asks for its rungs in turn: when this worker
         scored the same recipe on a smaller share last, only the rows the rung adds are generated and judged."""
         started, started_at = time.perf_counter(), time.time()
-        key = (json.dumps(recipe, sort_keys=True), split)
+        key = (recipe_key(recipe), split)
         done_key, done_share, judged = self._partial
         if done_key != key or done_share >= fidelity:
             done_share, judged = 0.0, Judged()
