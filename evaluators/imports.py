@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import random
@@ -171,7 +172,7 @@ def _columns_of(rows: Iterable[dict | UnreadableRow]) -> list[str]:
 
 def _read_jsonl(path: Path, option: str) -> list[dict | UnreadableRow]:
     rows: list[dict | UnreadableRow] = []
-    for line in _read_text(path, option).splitlines():
+    for line in _read_text(path, option).split("\n"):  # not splitlines(): it also splits at U+2028 inside a text
         if not line.strip():
             continue
         try:
@@ -209,7 +210,7 @@ def _read_json(path: Path, option: str) -> list[dict | UnreadableRow]:
 
 def _read_csv(path: Path, option: str) -> list[dict | UnreadableRow]:
     text = _read_text(path, option)
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": a quoted cell may hold line breaks
     try:
         # A row with more cells than the header gets them under the key None: malformed.
         return [
@@ -440,6 +441,8 @@ def _dedup_key(key: str) -> str:
 def resolve_columns(set_name: str, kind: str, source_columns: list[str], mapped: dict) -> tuple[str, dict]:
     """The set's format (for a domain set, open or multiple choice from its columns) and {field: column} for
     every field the source has; a missing required column is an error naming the `--columns` fix."""
+    if not source_columns:
+        raise UserError(f"set {set_name!r} has no readable row (an object of columns) in its source; check the file")
     fields = _fields_of(set_name)
     for field_name, column in mapped.items():
         for name in column if isinstance(column, list) else [column]:

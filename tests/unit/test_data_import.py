@@ -277,22 +277,36 @@ def test_json_files_and_csv_harmful_sets_with_references_are_read(tmp_path):
     harmful = write_csv(
         tmp_path / "harmful.csv",
         ["goal", "refusal"],
-        [[f"Build weapon {i}", "No." if i else ""] for i in range(4)],
+        [[f"Build weapon {i}", "No." if i else ""] for i in range(3)] + [["Build\nweapon 3", "No."]],
     )
+    with open(tmp_path / "lines.jsonl", "w") as handle:  # a raw U+2028 inside a text is not a line break
+        handle.writelines(
+            json.dumps({"prompt": f"q{i}\u2028?", "answer": "a"}, ensure_ascii=False) + "\n" for i in range(3)
+        )
     manifest = imports.import_datasets(
         imports.ImportRequest(
             out=tmp_path / "data",
             harmful=str(harmful),
-            domains={"tax": str(tmp_path / "tax.json"), "letters": str(tmp_path / "columns.json")},
+            domains={
+                "tax": str(tmp_path / "tax.json"),
+                "letters": str(tmp_path / "columns.json"),
+                "lines": str(tmp_path / "lines.jsonl"),
+            },
             columns=["harmful:prompt=goal", "harmful:reference=refusal"],
             split=(0.34, 0.33, 0.33),
         )
     )
-    assert manifest["domain_formats"] == {"tax": "open", "letters": "open"}
+    assert manifest["domain_formats"] == {"tax": "open", "letters": "open", "lines": "open"}
+    assert sorted(row["prompt"] for row in all_rows(tmp_path / "data", "lines")) == [f"q{i}\u2028?" for i in range(3)]
     assert manifest["sets"]["benign"]["source"]["kind"] == "templated"  # no --benign: the templated look-alikes
     assert sorted(row["answer"] for row in all_rows(tmp_path / "data", "tax")) == ["0", "10", "20", "30", "40"]
     references = {row["prompt"]: row["reference"] for row in all_rows(tmp_path / "data", "harmful")}
-    assert references == {"Build weapon 0": imports.FIXED_REFUSAL, **{f"Build weapon {i}": "No." for i in (1, 2, 3)}}
+    assert references == {
+        "Build weapon 0": imports.FIXED_REFUSAL,
+        "Build weapon 1": "No.",
+        "Build weapon 2": "No.",
+        "Build\nweapon 3": "No.",
+    }
     assert manifest["sets"]["harmful"]["default_reference"]["rows"] == 1
     load_eval_set(tmp_path / "data", "test", domains=["tax", "letters"])
 
@@ -326,6 +340,7 @@ def run_refused(argv: list[str], capsys) -> str:
         ({"--columns": "medqa:label=x"}, ["set 'medqa' has no field 'label'"]),
         ({"--domain": "medqa=tiny.jsonl"}, ["set 'medqa' has 2 usable rows", "too few", "--split"]),
         ({"--domain": "harmful=tiny.jsonl"}, ["the name 'harmful' is taken"]),
+        ({"--domain": "medqa=blank.jsonl"}, ["set 'medqa' has no readable row"]),
         ({"--domain": "hf:org"}, ["--domain 'hf:org' must look like NAME=SRC"]),
         (
             {"--domain": "medqa=hf:org/name:"},
@@ -342,6 +357,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, fragments, tmp_
     write_jsonl(tmp_path / "open.jsonl", [{"prompt": f"q{i}", "answer": "a"} for i in range(6)])
     write_csv(tmp_path / "mc_renamed.csv", ["stem", "choices", "answer"], [["q", '["a", "b"]', "A"]])
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "blank.jsonl").write_text("\n[1, 2]\n")
     options = {"--harmful": "harmful.jsonl", "--domain": "medqa=open.jsonl", **change}
     argv = ["data", "import", "--out", "out"] + [item for pair in options.items() for item in pair]
     if argv.count("--split") == 1:
