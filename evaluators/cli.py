@@ -203,7 +203,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=[],
         required=True,
         metavar="NAME=SRC",
-        help="a domain set, scored as domain_NAME (repeatable)",
+        help="a domain set, scored as domain_NAME; a search reads the set named like its expert (repeatable)",
     )
     imported.add_argument(
         "--columns",
