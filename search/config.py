@@ -212,6 +212,13 @@ class SearchConfig(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     results_dir: Path = Path("artifacts/searches")
+    register: Literal["picks", "all", "recipes"] = Field(
+        "picks",
+        description="what finalize registers for each front entry: a recipe-only version (its mergekit YAML, input "
+        "models and metrics: kilobytes) or the merged weights too. picks: weights only for the entries with an "
+        "alias (best-safety, best-domain, balanced, and those chosen with `safemerge pick`); all: weights for every "
+        "entry; recipes: weights for none (`safemerge pick` adds them for the one chosen)",
+    )
     seed: int = 0
 
     @field_validator("storage")
