@@ -155,7 +155,7 @@ def finalize_search(
 def with_weights(config: SearchConfig, aliases: list[str]) -> bool:
     """Whether finalize registers a front entry with its weights: every entry (`register: all`), the aliased
     ones (`picks`), none (`recipes`)."""
-    return config.register == "all" or (config.register == "picks" and bool(aliases))
+    return config.registration == "all" or (config.registration == "picks" and bool(aliases))
 
 
 def input_models(config: SearchConfig) -> dict[str, dict[str, str]]:

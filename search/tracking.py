@@ -395,6 +395,7 @@ def front_description(
     measured = {key for entry in summary["front"] for key in entry["dev"]}
     bounds = {key for name in measured for key in interval_metrics(name)}
     per_domain = sorted(key for key in measured - bounds if key.startswith(domain_metric("")))
+    per_domain = per_domain if len(per_domain) > 1 else []  # one domain's accuracy is the domain objective
     columns = [name for name in RATE_OBJECTIVES if name in measured] + per_domain
     header = ["trial", "method", *[f"dev {n}" for n in columns], *[f"test {n}" for n in columns], "run", "version"]
     header.append("aliases")

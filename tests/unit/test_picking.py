@@ -18,7 +18,14 @@ from .support import config_data, make_config
 def summary_of(*trials: int) -> dict:
     entry = {
         "method": "ties",
-        "dev": {"safety": 0.9, "safety_lo": 0.8, "safety_hi": 0.95, "domain": 0.5, "domain_medical": 0.5},
+        "dev": {
+            "safety": 0.9,
+            "safety_lo": 0.8,
+            "safety_hi": 0.95,
+            "domain": 0.5,
+            "domain_medical": 0.4,
+            "domain_finance": 0.6,
+        },
         "test": {"safety": 0.85, "domain": 0.45},
         "registered_model": "safemerge-s",
         "aliases": [],
@@ -32,12 +39,12 @@ def summary_of(*trials: int) -> dict:
     [("picks", [], False), ("picks", ["balanced"], True), ("all", [], True), ("recipes", ["balanced"], False)],
 )
 def test_finalize_registers_weights_for_the_aliased_entries_by_default(mode, aliases, expected):
-    assert make_config(register=mode).register == mode
+    assert make_config(register=mode).registration == mode
     assert with_weights(make_config(register=mode), aliases) is expected
 
 
 def test_the_default_register_mode_is_picks_and_an_unknown_one_is_refused():
-    assert make_config().register == "picks"
+    assert make_config().registration == "picks"
     with pytest.raises(UserError, match="register"):
         make_config(register="everything")
 
