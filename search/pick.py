@@ -53,7 +53,7 @@ def pick(
             f"`safemerge search resume {name}`"
         )
     entry = front_entry(summary, trial)
-    storage, _ = open_storage(config)
+    storage, study = open_storage(config)
     with DriverLease(config.name, storage, config.lease_timeout_s):
         model_dir = entry.get("model_dir")
         if not (model_dir and Path(model_dir).is_dir()):
@@ -61,7 +61,10 @@ def pick(
             entry["model_dir"] = str(materialize(config, entry["recipe"], folder / "models" / f"trial-{trial}"))
             write_json_atomic(folder / SUMMARY, summary)
         tracker = Tracker(config, log)
-        registered = tracker.register_pick(summary, entry, alias, folder / ARTIFACTS)
+        # The trial's run first, should MLflow have been down for all of the search (idempotent).
+        registered = tracker.sync_trials(study) is not None and tracker.register_pick(
+            summary, entry, alias, folder / ARTIFACTS
+        )
         tracker.finish()
         write_json_atomic(folder / SUMMARY, summary)
     if not registered:
