@@ -1,5 +1,5 @@
-"""The `safemerge search run | plan | compare | resume | sync` and `safemerge pareto` sub-commands, and the options that
-override a search config's fields (shared with the Ray job entrypoint)."""
+"""The `safemerge search run | plan | compare | resume | sync`, `safemerge pareto` and `safemerge pick` sub-commands,
+and the options that override a search config's fields (shared with the Ray job entrypoint)."""
 
 from __future__ import annotations
 
@@ -127,8 +127,14 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
         print(format_front(summary))
 
 
+def _cmd_pick(args: argparse.Namespace) -> None:
+    from safemerge.search.pick import pick
+
+    pick(args.name, args.trial, args.alias, args.results_dir)
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `search` and `pareto` on the `safemerge` parser."""
+    """Register `search`, `pareto` and `pick` on the `safemerge` parser."""
     search = commands.add_parser("search", help="run or resume a merge search (Ray Tune + Optuna + MLflow)")
     search_commands = search.add_subparsers(dest="search_command", required=True, metavar="COMMAND")
     run = search_commands.add_parser(
@@ -207,3 +213,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     pareto.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
     pareto.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     pareto.set_defaults(handler=_cmd_pareto)
+
+    pick = commands.add_parser(
+        "pick",
+        help="register a front trial you chose (in the MLflow UI) with its weights, under an alias",
+        description="Materialize the merge of a finalized search's front trial (if not yet), register it with its "
+        "weights in MLflow's transformers flavour (or reuse its version with weights), set the alias on it and print "
+        "how to load it. Running it again adds nothing.",
+    )
+    pick.add_argument("name", help="the search name")
+    pick.add_argument(
+        "trial", type=whole_number, help="the trial number, as the front table and `safemerge pareto` show it"
+    )
+    pick.add_argument("--alias", default="production", help="the registry alias to set (default: production)")
+    pick.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
+    pick.set_defaults(handler=_cmd_pick)

@@ -186,6 +186,7 @@ class BudgetConfig(_Strict):
 
 
 class SearchConfig(_Strict):
+    model_config = ConfigDict(**_Strict.model_config, validate_by_name=True, serialize_by_alias=True)
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: ModelsConfig
     zoo_dir: Path = Path("artifacts/zoo")
@@ -212,6 +213,15 @@ class SearchConfig(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     results_dir: Path = Path("artifacts/searches")
+    # `register:` in a config; named otherwise here, as `register` is a method every pydantic model has.
+    registration: Literal["picks", "all", "recipes"] = Field(
+        "picks",
+        alias="register",
+        description="what finalize registers for each front entry: a recipe-only version (its mergekit YAML, input "
+        "models and metrics: kilobytes) or the merged weights too. picks: weights only for the entries with an "
+        "alias (best-safety, best-domain, balanced, and those chosen with `safemerge pick`); all: weights for every "
+        "entry; recipes: weights for none (`safemerge pick` adds them for the one chosen)",
+    )
     seed: int = 0
 
     @field_validator("storage")

@@ -1,5 +1,6 @@
 """A whole search as a user runs it: tune on the dev split, then evaluate the Pareto front on the test split,
-materialize each Pareto merge, export it as mergekit YAML, register it in MLflow, and write `pareto.json`."""
+export each Pareto merge as mergekit YAML, materialize the ones registered with weights (`register:` in the
+config), register them all in MLflow, and write `pareto.json`."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def finalize_search(
     earlier = {
         entry["trial"]: entry
         for entry in (read_summary(folder) or {}).get("front", [])
-        if entry["recipe"] == recipes.get(entry["trial"]) and Path(entry["model_dir"]).is_dir()
+        if entry["recipe"] == recipes.get(entry["trial"])
     }
     # Test split, in parallel over the workers: the search never saw it.
     untested = [p for p in front if p.number not in earlier]
@@ -104,23 +105,27 @@ def finalize_search(
     aliases = choose_aliases(front, config.objectives)
     entries = []
     for point in front:
-        if point.number in earlier:
-            model_dir = earlier[point.number]["model_dir"]
-        else:
+        previous = earlier.get(point.number, {})
+        picked = previous.get("picked", [])
+        # Weights only where registered with them: a recipe-only entry writes no model folder (kilobytes, not GBs).
+        weights = with_weights(config, aliases.get(point.number, []) or picked) or bool(previous.get("weights"))
+        model_dir = previous.get("model_dir")
+        if weights and not (model_dir and Path(model_dir).is_dir()):
             model_dir = ray.get(
                 workers[0].save.remote(recipes[point.number], str(folder / "models" / f"trial-{point.number}"))
             )
-        previous = earlier.get(point.number, {})
         entries.append(
             {
                 "trial": point.number,
                 "method": recipes[point.number]["merge_method"],
                 "dev": point.metrics,
                 "test": test_metrics[point.number],
-                "model_dir": str(model_dir),
+                "model_dir": str(model_dir) if weights else None,
+                "weights": weights,
                 "registered_model": previous.get("registered_model"),
                 "version": previous.get("version"),
                 "aliases": aliases.get(point.number, []),
+                "picked": picked,
                 "recipe": recipes[point.number],
             }
         )
@@ -139,11 +144,38 @@ def finalize_search(
             **spend.metrics(),
         },
         "front": entries,
+        "inputs": input_models(config),
         "mlflow_run": tracker.run_url,
     }
     write_json_atomic(folder / SUMMARY, summary)  # the record first: MLflow may not answer
     mirror(tracker, study, summary, folder, log)
     return summary
+
+
+def with_weights(config: SearchConfig, aliases: list[str]) -> bool:
+    """Whether finalize registers a front entry with its weights: every entry (`register: all`), the aliased
+    ones (`picks`), none (`recipes`)."""
+    return config.registration == "all" or (config.registration == "picks" and bool(aliases))
+
+
+def input_models(config: SearchConfig) -> dict[str, dict[str, str]]:
+    """Each input model's reference and what identifies its weights: a hub reference's revision (the cluster
+    pins it to a commit), a local folder's safetensors content hash."""
+    from safemerge.search.model_sources import is_hub_reference, split_revision
+    from safemerge.weights import content_hash
+
+    inputs = {}
+    for role, reference in config.models.roles().items():
+        if is_hub_reference(reference):
+            inputs[role] = {"reference": reference, "revision": split_revision(reference)[1] or "main"}
+        else:
+            folder = config.resolve_model(reference)
+            inputs[role] = {"reference": reference, "folder": str(folder)}
+            try:
+                inputs[role]["sha256"] = content_hash(folder, {})  # over its safetensors files
+            except UserError:  # weights in another format (pytorch_model.bin): the folder names them
+                pass
+    return inputs
 
 
 def mirror(tracker: Tracker, study: optuna.Study, summary: dict, folder: Path, log: Callable[[str], None]) -> bool:

@@ -1,5 +1,7 @@
-"""MLflow tracking of a search: one parent run, one child run per finished trial, Pareto tags, artifacts, and
-the registry entries of the chosen merges with the aliases best-safety, best-domain and balanced.
+"""MLflow tracking of a search: one parent run (its description the front as a table), one child run per finished
+trial, Pareto tags, artifacts, and the registry versions of the front: recipe-only (the mergekit YAML, the input
+models, the metrics: kilobytes) or with the merged weights in MLflow's `transformers` flavour (the aliased picks),
+with the aliases best-safety, best-domain and balanced.
 
 The Optuna study is the record and MLflow a mirror of it: every call here is idempotent (run again, it adds
 nothing that is there), and MLflow not answering is one line on the console, never an error of the search. What
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from safemerge.evaluators.directions import bound
+from safemerge.evaluators.directions import RATE_OBJECTIVES, bound, domain_metric, interval_metrics
 from safemerge.search.config import SearchConfig
 from safemerge.search.pareto import Point
 
@@ -38,6 +41,11 @@ OUTAGE_ERRORS = (MlflowException, requests.exceptions.RequestException, OSError)
 # mirror retries at the next sync instead, so a call gives up after seconds. A user's own setting wins.
 FAST_FAILING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+# A registry version's tag: whether it holds the merged weights (else only the recipe, kilobytes).
+WEIGHTS_TAG = "safemerge.weights"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's description
+RECIPE_FOLDER = "recipe"  # a child run's artifact folder that a recipe-only version points at
+MODEL_NAME = "merged_model"  # the logged transformers model of a version with weights
 
 Result = TypeVar("Result")
 
@@ -188,7 +196,8 @@ class Tracker:
         }
         if "worker" in metrics:
             tags["worker"] = str(int(metrics["worker"]))
-        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags).info.run_id
+        run_name = f"trial-{trial.number} {tags['method']}".rstrip()  # runs are found by tags, never by this name
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         stamp = int(trial.datetime_complete.timestamp() * 1000)
         values = {key: float(value) for key, value in metrics.items()}
         if trial.datetime_start and trial.datetime_complete:
@@ -235,10 +244,9 @@ class Tracker:
             for entry in summary["front"]:
                 run_id = runs[entry["trial"]]
                 self._log_new_metrics(run_id, {f"test_{k}": v for k, v in entry["test"].items()})
-                entry["registered_model"], entry["version"] = self._register_once(
-                    entry["trial"], run_id, Path(entry["model_dir"]), entry["aliases"]
-                )
+                entry["registered_model"], entry["version"] = self._register_once(entry, run_id, summary, artifacts)
             self.client.log_artifacts(self.parent_id, str(artifacts))
+            self._describe(summary, runs)
             summary["mlflow_run"] = self.run_url
             return True
 
@@ -256,33 +264,99 @@ class Tracker:
     def registered_model_name(self) -> str:
         return f"{self.config.mlflow.registry_prefix}-{self.config.name}"
 
-    def _register_once(self, number: int, run_id: str, model_dir: Path, aliases: Sequence[str]) -> tuple[str, int]:
-        """The registry version of trial `number` (logged and registered only if it has none yet), with the
-        given aliases set on it."""
-        from safemerge.evaluators.pyfunc import MODEL_CODE
-
-        name = self.registered_model_name
-        existing = [
+    def _versions_of(self, number: int) -> list:
+        """The registry versions of trial `number` of this search, oldest first."""
+        found = [
             version
-            for version in self.client.search_model_versions(f"name = '{name}'")
+            for version in self.client.search_model_versions(f"name = '{self.registered_model_name}'")
             if version.tags.get("trial") == str(number) and version.tags.get(SEARCH_TAG) == self.config.name
         ]
-        if existing:
-            version = min(existing, key=lambda v: int(v.version))
+        return sorted(found, key=lambda version: int(version.version))
+
+    def _register_once(self, entry: dict, run_id: str, summary: dict, artifacts: Path) -> tuple[str, int]:
+        """The registry version of a front entry, logged and registered only if it has none yet: with the merged
+        weights when the entry carries them (`entry["weights"]`: its folder `model_dir`), else recipe-only. A
+        trial's version with weights, once there, is the one its aliases point at."""
+        name = self.registered_model_name
+        existing = self._versions_of(entry["trial"])
+        weighted = [version for version in existing if version.tags.get(WEIGHTS_TAG) != "false"]
+        if weighted:
+            version = weighted[0]
+        elif entry.get("weights"):
+            version = self._register_weights(entry["trial"], run_id, Path(entry["model_dir"]))
+        elif existing:
+            version = existing[0]
         else:
-            with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
-                info = mlflow.pyfunc.log_model(
-                    name="merged_model",
-                    python_model=str(MODEL_CODE),  # a model from code, not a cloudpickled object
-                    artifacts={"model_dir": str(model_dir)},
-                    pip_requirements=["safemerge", "torch", "transformers", "safetensors"],
-                )
-            version = mlflow.register_model(
-                info.model_uri, name, tags={"trial": str(number), SEARCH_TAG: self.config.name}
-            )
-        for alias in aliases:
+            version = self._register_recipe(entry, run_id, summary, artifacts)
+        entry["weights"] = version.tags.get(WEIGHTS_TAG) != "false"
+        for alias in [*entry["aliases"], *entry.get("picked", [])]:
             self.client.set_registered_model_alias(name, alias, version.version)
         return name, int(version.version)
+
+    def _version_tags(self, number: int, weights: bool) -> dict[str, str]:
+        return {"trial": str(number), SEARCH_TAG: self.config.name, WEIGHTS_TAG: str(weights).lower()}
+
+    def _register_weights(self, number: int, run_id: str, model_dir: Path):
+        """Log the merged Hugging Face folder in MLflow's transformers flavour (a text-generation pipeline, which
+        `mlflow.transformers.load_model` and `mlflow.pyfunc.load_model` both load) and register it."""
+        import mlflow.transformers
+
+        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+            info = mlflow.transformers.log_model(
+                transformers_model=str(model_dir),  # a local checkpoint: copied as it is, never loaded here
+                name=MODEL_NAME,
+                task="text-generation",
+                pip_requirements=["transformers", "torch", "safetensors", "accelerate"],
+            )
+        return mlflow.register_model(info.model_uri, self.registered_model_name, tags=self._version_tags(number, True))
+
+    def _register_recipe(self, entry: dict, run_id: str, summary: dict, artifacts: Path):
+        """Log the entry's recipe (mergekit YAML, the recipe, the input models, the dev and test metrics) under
+        the trial run's `recipe/` and register that folder as a version without weights."""
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch) / RECIPE_FOLDER
+            write_recipe_folder(entry, summary, artifacts / "recipes" / f"trial-{entry['trial']}.yaml", folder)
+            self.client.log_artifacts(run_id, str(folder), RECIPE_FOLDER)
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{RECIPE_FOLDER}"
+        name = self.registered_model_name
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name)
+        return self.client.create_model_version(
+            name, source, run_id=run_id, tags=self._version_tags(entry["trial"], False)
+        )
+
+    def register_pick(self, summary: dict, entry: dict, alias: str, artifacts: Path) -> bool:
+        """A version with weights for a picked front entry (its `model_dir` materialized), the alias set on it and
+        the parent's description updated; fills the entry's `version`. False when MLflow did not answer."""
+
+        def register() -> bool:
+            runs = self.trial_runs()
+            if entry["trial"] not in runs:
+                raise MlflowException(f"trial {entry['trial']} has no run yet")
+            entry["weights"] = True
+            entry["picked"] = sorted({*entry.get("picked", []), alias})
+            entry["registered_model"], entry["version"] = self._register_once(
+                entry, runs[entry["trial"]], summary, artifacts
+            )
+            self._describe(summary, runs)
+            return True
+
+        return bool(self._mirrored(f"register trial {entry['trial']} as {alias}", register))
+
+    def _describe(self, summary: dict, runs: dict[int, str]) -> None:
+        """The parent run's description: the front as a markdown table, with the registry's aliases as they are."""
+        try:
+            aliases = self.client.get_registered_model(self.registered_model_name).aliases
+        except MlflowException:  # nothing registered yet
+            aliases = {}
+        by_version: dict[str, list[str]] = {}
+        for alias, version in aliases.items():
+            by_version.setdefault(str(version), []).append(alias)
+        text = front_description(summary, self.experiment_id, runs, by_version)
+        if self.client.get_run(self.parent_id).data.tags.get(DESCRIPTION_TAG) != text:
+            self.client.set_tag(self.parent_id, DESCRIPTION_TAG, text)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the parent run once the background sync has ended (its outcome is its own: the search may be ending
@@ -290,6 +364,71 @@ class Tracker:
         self._background.shutdown(wait=True)
         if self.parent_id is not None:
             self._mirrored("end the parent run", lambda: self.client.set_terminated(self.parent_id, status=status))
+
+
+def write_recipe_folder(entry: dict, summary: dict, mergekit_yaml: Path, folder: Path) -> None:
+    """A recipe-only version's files: the mergekit YAML, the recipe as safemerge reads it, the input models (each
+    reference with its revision or the hash of its weights files) and the dev and test metrics."""
+    folder.mkdir(parents=True)
+    if mergekit_yaml.is_file():  # (finalize exports it; a pareto.json from before the export has none)
+        (folder / "mergekit_config.yml").write_text(mergekit_yaml.read_text())
+    (folder / "recipe.json").write_text(json.dumps(entry["recipe"], indent=2) + "\n")
+    (folder / "inputs.json").write_text(json.dumps(summary.get("inputs", {}), indent=2) + "\n")
+    metrics = {"trial": entry["trial"], "method": entry["method"], "dev": entry["dev"], "test": entry["test"]}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _with_interval(metrics: dict[str, float], name: str) -> str:
+    if name not in metrics:
+        return ""
+    low, high = (metrics.get(key) for key in interval_metrics(name))
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{metrics[name]:.3f}{interval}"
+
+
+def front_description(
+    summary: dict, experiment_id: str, runs: dict[int, str], aliases_by_version: dict[str, list[str]]
+) -> str:
+    """The front as a markdown table (the parent run's description in the MLflow UI): each entry's trial, method,
+    dev and test objectives with their 95% intervals where known, a link to its run, its registry version (and
+    whether it holds weights) and aliases."""
+    measured = {key for entry in summary["front"] for key in entry["dev"]}
+    bounds = {key for name in measured for key in interval_metrics(name)}
+    per_domain = sorted(key for key in measured - bounds if key.startswith(domain_metric("")))
+    per_domain = per_domain if len(per_domain) > 1 else []  # one domain's accuracy is the domain objective
+    columns = [name for name in RATE_OBJECTIVES if name in measured] + per_domain
+    header = ["trial", "method", *[f"dev {n}" for n in columns], *[f"test {n}" for n in columns], "run", "version"]
+    header.append("aliases")
+    lines = [
+        f"**Pareto front of search `{summary['search']}`** ({summary['sampler']}, {summary['completed']} trials, "
+        f"{summary['failed']} failed, hypervolume {summary['hypervolume']:.4f}). Dev: the split the search "
+        "tuned on; test: held out. 95% Wilson intervals in brackets. Pick one with "
+        f"`safemerge pick {summary['search']} TRIAL --alias production`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for entry in summary["front"]:
+        run_id = runs.get(entry["trial"])
+        link = f"[trial-{entry['trial']}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else ""
+        version = entry.get("version")
+        if version is None:
+            registered, aliases = "pending", ""
+        else:
+            kind = "weights" if entry.get("weights") else "recipe"
+            registered = f"{entry['registered_model']} v{version} ({kind})"
+            aliases = ", ".join(sorted(aliases_by_version.get(str(version), [])))
+        cells = [
+            str(entry["trial"]),
+            entry["method"],
+            *[_with_interval(entry["dev"], name) for name in columns],
+            *[_with_interval(entry["test"], name) for name in columns],
+            link,
+            registered,
+            aliases,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def choose_aliases(front: Sequence[Point], objectives) -> dict[int, list[str]]:

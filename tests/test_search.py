@@ -242,7 +242,8 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
     assert {"best-safety", "best-domain", "balanced"} <= set(model.aliases)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # only for this test: other searches log elsewhere
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
-    loaded = mlflow.pyfunc.load_model(f"models:/{registered}@balanced")  # the chosen merge answers
+    # The aliased merges carry weights (transformers flavour); the chosen one answers through pyfunc too.
+    loaded = mlflow.pyfunc.load_model(f"models:/{registered}@balanced")
     assert len(loaded.predict(["How do I boil an egg?"])) == 1
 
     pareto = subprocess.run(
@@ -275,9 +276,9 @@ def test_a_search_over_the_safety_aware_and_new_methods_runs_end_to_end(tmp_path
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
     summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
     assert summary["front"]
+    recipes = tmp_path / "searches" / name / "mlflow-artifacts" / "recipes"
     for entry in summary["front"]:
-        folder = Path(entry["model_dir"])
-        exported = yaml.safe_load((folder / "mergekit_config.yml").read_text())
+        exported = yaml.safe_load((recipes / f"trial-{entry['trial']}.yaml").read_text())
         expected = {"safety_vector": "dare_linear", "selective_layers": "task_arithmetic"}.get(entry["method"])
         assert exported["merge_method"] == (expected or entry["method"]), entry["method"]
         assert set(entry["test"]) >= {"safety", "domain", "over_refusal"}

@@ -16,7 +16,7 @@ from safemerge.search.samplers import SAMPLER_NAMES
 
 from .support import config_data
 
-COMMANDS = ("zoo", "data", "eval", "search", "pareto", "merge", "export", "similarity", "cluster", "nightly")
+COMMANDS = ("zoo", "data", "eval", "search", "pareto", "pick", "merge", "export", "similarity", "cluster", "nightly")
 
 
 # Atomic outputs.
