@@ -1,5 +1,5 @@
-"""The `safemerge data generate` and `safemerge eval` sub-commands: evaluation data sets, and the scores of one
-model folder."""
+"""The `safemerge data generate`, `safemerge data import` and `safemerge eval` sub-commands: evaluation data sets
+(generated or imported), and the scores of one model folder."""
 
 from __future__ import annotations
 
@@ -26,6 +26,34 @@ def _cmd_data_generate(args: argparse.Namespace) -> None:
     for name, counts in manifest["counts"].items():
         print(f"  {name:8s} " + "  ".join(f"{split} {count:4d}" for split, count in counts.items()))
     print(f"data written -> {args.out}")
+
+
+def _cmd_data_import(args: argparse.Namespace) -> None:
+    from safemerge.evaluators.imports import ImportRequest, import_datasets, parse_domains, report_lines
+
+    request = ImportRequest(
+        out=args.out,
+        harmful=args.harmful,
+        benign=args.benign,
+        domains=parse_domains(args.domain),
+        columns=args.columns,
+        split=args.split,
+        seed=args.seed,
+        force=args.force,
+    )
+    manifest = import_datasets(request)
+    for line in report_lines(manifest):
+        print(line)
+    print(f"data written -> {args.out}  (kept and dropped rows, with the first of each reason: manifest.json)")
+
+
+def _split_fractions(text: str) -> tuple[float, float, float]:
+    from safemerge.evaluators.imports import parse_split
+
+    try:
+        return parse_split(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _parse_experts(specs: Sequence[str]) -> dict[str, Path]:
@@ -112,8 +140,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `data generate` and `eval` on the `safemerge` parser."""
-    data = commands.add_parser("data", help="synthetic safety, over-refusal and domain data sets")
+    """Register `data generate`, `data import` and `eval` on the `safemerge` parser."""
+    data = commands.add_parser("data", help="evaluation data sets: generate them, or import your own")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     generate = data_commands.add_parser(
         "generate",
@@ -150,6 +178,51 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--judge", default="refusal", help="'refusal' or 'guard:PATH' (default: refusal)")
     pipeline.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="generation backend")
     generate.set_defaults(handler=_cmd_data_generate)
+
+    imported = data_commands.add_parser(
+        "import",
+        help="import your own safety and domain sets (files, `datasets` folders, hf:ORG/NAME)",
+        description="Read harmful, benign and domain sets from .jsonl, .json, .csv or .parquet files, folders "
+        "saved with `datasets`, or hf:ORG/NAME[:CONFIG][@SPLIT]; drop empty, duplicate, over-long and malformed "
+        "rows (counted in manifest.json with the first of each); write stratified train/dev/test splits. A domain "
+        "set is open questions (prompt, answer[, reference]) or multiple choice (question, choices, answer as an "
+        "index from 0 or a letter), told apart by its columns.",
+    )
+    imported.add_argument("--out", type=Path, required=True, help="folder to write the data sets into")
+    imported.add_argument(
+        "--harmful", required=True, metavar="SRC", help="harmful prompts (prompt[, reference, category])"
+    )
+    imported.add_argument(
+        "--benign",
+        metavar="SRC",
+        help="benign look-alikes (prompt[, category]); without it the templated XSTest-like set is written",
+    )
+    imported.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        required=True,
+        metavar="NAME=SRC",
+        help="a domain set, scored as domain_NAME; a search reads the set named like its expert (repeatable)",
+    )
+    imported.add_argument(
+        "--columns",
+        action="append",
+        default=[],
+        metavar="SET:FIELD=COLUMN",
+        help="read FIELD from another column, e.g. medqa:question=text; choices may be a comma list of "
+        "columns, e.g. medmcqa:choices=opa,opb,opc,opd (repeatable)",
+    )
+    imported.add_argument(
+        "--split",
+        type=_split_fractions,
+        default=(0.6, 0.2, 0.2),
+        metavar="TRAIN,DEV,TEST",
+        help="fractions of each set per split, stratified by category or relation (default: 0.6,0.2,0.2)",
+    )
+    add_seed(imported)
+    imported.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    imported.set_defaults(handler=_cmd_data_import)
 
     evaluate = commands.add_parser(
         "eval",

@@ -32,7 +32,7 @@ from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
-from safemerge.search.trainable import REPEAT_OF, run_trial, start_head_start
+from safemerge.search.trainable import REPEAT_OF, run_trial, start_head_start, wait_until_up
 from safemerge.search.trial import trial_metric_names
 
 CONFIG_FILE = "config.yaml"
@@ -292,9 +292,18 @@ def run_search(
         ),
     )
     tuner.fit()
-    stats = ray.get([worker.stats.remote() for worker in workers])
+    stats = [worker_stats(worker, limit_s=config.evaluation.trial_timeout_s or 3600.0) for worker in workers]
     (search_folder(config) / "workers.json").write_text(json.dumps(stats, indent=2))
     return optuna.load_study(study_name=config.name, storage=rdb_storage(config.storage))
+
+
+def worker_stats(worker, limit_s: float) -> dict:
+    """A worker's busy-time figures, once it serves: a worker that a fault restarted in the last trial (killed, or
+    ended for hanging) is waited for, as finalize needs it next; one that does not come back is recorded so."""
+    if wait_until_up(worker, limit_s):
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            return ray.get(worker.stats.remote())
+    return {"unavailable": f"the worker did not serve again within {limit_s:g} s"}
 
 
 def load_search_config(
