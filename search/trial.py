@@ -25,6 +25,7 @@ from safemerge.evaluators.objectives import (
     metrics_of,
     open_judge,
 )
+from safemerge.evaluators.synthetic import multiple_choice_domains
 from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import Recipe, parse_recipe, to_mergekit_yaml
 from safemerge.search.config import BASE_ROLE, SearchConfig
@@ -39,8 +40,11 @@ FAULT_METRICS = ("worker_faults",)
 
 
 def trial_metric_names(config: SearchConfig) -> list[str]:
-    """Every metric a trial of this search reports: the evaluator's (per-domain figures included) and the worker's."""
-    return [*reported_metrics(config.models.experts), *WORKER_METRICS, *FAULT_METRICS]
+    """Every metric a trial of this search reports: the evaluator's (per-domain figures included, and the `acc` and
+    `acc_norm` of the data folder's multiple-choice domains) and the worker's."""
+    experts = list(config.models.experts)
+    multiple_choice = [name for name in multiple_choice_domains(config.data) if name in experts]
+    return [*reported_metrics(experts, multiple_choice), *WORKER_METRICS, *FAULT_METRICS]
 
 
 def single_model_recipe(role: str) -> dict:
