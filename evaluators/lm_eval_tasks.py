@@ -48,9 +48,10 @@ def _engine_lm_class():
         computed (always False), so metrics that read it (lambada's acc) are not supported. Generation is greedy
         and cut at the request's stop strings."""
 
-        def __init__(self, backend) -> None:
+        def __init__(self, backend, scorer=None) -> None:
             super().__init__()
             self.backend = backend
+            self.scorer = scorer or backend  # holds the same weights; on the CPU a transformers model scores faster
             self.tokenizer = backend.chat_tokenizer.tokenizer
 
         @property
@@ -89,7 +90,7 @@ def _engine_lm_class():
                 # own models truncate.
                 ids = (context + continuation)[-(self.max_length - 1) :]
                 spans.append((index, max(1, len(ids) - len(continuation)), ids))
-            return [(-nll, False) for nll in self.backend.reference_nlls(spans)]
+            return [(-nll, False) for nll in self.scorer.reference_nlls(spans)]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             results = []
@@ -105,7 +106,7 @@ def _engine_lm_class():
                     )
                 ]
                 spans = [(i, len(context), context + target) for i, (context, target) in enumerate(windows)]
-                results.append(-sum(self.backend.reference_nlls(spans)))
+                results.append(-sum(self.scorer.reference_nlls(spans)))
             return results
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -128,9 +129,10 @@ def _engine_lm_class():
     return EngineLM
 
 
-def engine_lm(backend):
-    """An lm-eval `LM` over `backend` (a safemerge generation backend holding the weights to score)."""
-    return _engine_lm_class()(backend)
+def engine_lm(backend, scorer=None):
+    """An lm-eval `LM` over `backend` (a safemerge generation backend holding the weights to score); log-likelihoods
+    on `scorer` when given (a backend holding the same weights)."""
+    return _engine_lm_class()(backend, scorer)
 
 
 @dataclass
@@ -194,15 +196,15 @@ class LmEvalDomain:
         half = self.document_count // 2
         return sorted(order[:half] if split == "dev" else order[half:])
 
-    def judge(self, backend, documents: Sequence[int]) -> dict[str, list[bool]]:
+    def judge(self, backend, documents: Sequence[int], scorer=None) -> dict[str, list[bool]]:
         """Each usable metric's per-document verdicts, in the order of `documents`, for the weights `backend`
-        holds now."""
+        holds now (its log-likelihoods on `scorer` when given, holding the same weights)."""
         if not documents:
             return {name: [] for name in self.metrics}
         from lm_eval.evaluator import evaluate
 
         results = evaluate(
-            lm=engine_lm(backend),
+            lm=engine_lm(backend, scorer),
             task_dict=self.task_dict,
             samples={self.task_name: list(documents)},
             log_samples=True,

@@ -8,7 +8,7 @@ and counted in `skipped`; they never enter a denominator.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from safemerge.evaluators import synthetic
 from safemerge.evaluators.directions import domain_metric, interval_metrics, multiple_choice_metrics
 from safemerge.evaluators.generation import GenerationBackend, ReferenceScores, user_turns
 from safemerge.evaluators.judges import is_refusal
+from safemerge.evaluators.lm_eval_tasks import LmEvalDomain
 from safemerge.evaluators.metrics import answer_matches, multiple_choice_picks, wilson_interval
 
 DEFAULT_ALPHA = 0.3  # the paper's weight of L_domain in L_safety + alpha * L_domain
@@ -51,6 +52,15 @@ class DomainSet:
 
 
 @dataclass(frozen=True)
+class TaskDocuments:
+    """One lm-eval task's documents of a split (`evaluators.lm_eval_tasks`): nothing of it is in the data folder,
+    the engine answers the task's own requests."""
+
+    task: LmEvalDomain
+    documents: list[int]
+
+
+@dataclass(frozen=True)
 class EvalSet:
     """The prompts of one split: harmful (with reference refusals), benign look-alikes, and each domain; each
     set's strata (harm category, benign kind, domain relation) order the subsets a multi-fidelity rung takes."""
@@ -62,6 +72,7 @@ class EvalSet:
     domains: dict[str, DomainSet]
     harmful_strata: list[str] = field(default_factory=list)
     benign_strata: list[str] = field(default_factory=list)
+    tasks: dict[str, TaskDocuments] = field(default_factory=dict)  # domains scored by an lm-eval task
 
     def between(self, start: float, stop: float) -> EvalSet:
         """The rows from fraction `start` to fraction `stop` of every set, in stratified order: the rows of
@@ -83,6 +94,10 @@ class EvalSet:
             },
             harmful_strata=[self.harmful_strata[i] for i in harmful] if self.harmful_strata else [],
             benign_strata=[self.benign_strata[i] for i in benign] if self.benign_strata else [],
+            tasks={
+                name: replace(task, documents=[task.documents[i] for i in window([], len(task.documents))])
+                for name, task in self.tasks.items()
+            },
         )
 
 
@@ -100,13 +115,20 @@ def stratified_order(strata: Sequence[str]) -> list[int]:
 
 
 def load_eval_set(
-    data_dir: Path, split: str = "dev", domains: Sequence[str] | None = None, limit: int | None = None
+    data_dir: Path,
+    split: str = "dev",
+    domains: Sequence[str] | None = None,
+    limit: int | None = None,
+    tasks: Mapping[str, LmEvalDomain] | None = None,
 ) -> EvalSet:
-    """Read one split of a data folder; `limit` keeps the first N rows of each set (for quick checks)."""
+    """Read one split of a data folder; `limit` keeps the first N rows of each set (for quick checks). A domain
+    in `tasks` is scored by its lm-eval task (that split's documents) instead of a set of the data folder."""
+    tasks = dict(tasks or {})
     if split not in synthetic.SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {list(synthetic.SPLITS)}")
     sets, manifest = synthetic.load_datasets(data_dir)
     wanted_domains = list(domains) if domains is not None else list(manifest.get("domains", []))
+    wanted_domains = [name for name in wanted_domains if name not in tasks]
     for name in ["harmful", "benign", *wanted_domains]:
         if name not in sets:
             raise UserError(f"data folder {data_dir} has no set {name!r}; it has {sorted(sets)}")
@@ -129,6 +151,10 @@ def load_eval_set(
         },
         harmful_strata=_strata(harmful, "category"),
         benign_strata=_strata(benign, "category"),
+        tasks={
+            name: TaskDocuments(task, task.documents(split)[:limit] if limit else task.documents(split))
+            for name, task in tasks.items()
+        },
     )
 
 
@@ -242,6 +268,13 @@ def judge_prompts(
             for a, expected in zip(answers[domain_metric(name)], domain.answers, strict=True)
             if a is not None
         ]
+    for name, task in eval_set.tasks.items():
+        verdicts = task.task.judge(generator, task.documents, scorer=scorer)
+        # The domain's rate is the task's first usable metric (acc_norm where it has one); an acc beside it is
+        # kept, as for a multiple-choice set of the data folder.
+        judged.flags[domain_metric(name)] = verdicts[task.task.metric]
+        if task.task.metric != "acc" and "acc" in verdicts:
+            judged.flags[multiple_choice_metrics(name)[0]] = verdicts["acc"]
     if with_ce:
         domain_prompts = [p for d in eval_set.domains.values() for p in d.prompts]
         domain_refs = [r for d in eval_set.domains.values() for r in d.references]

@@ -1,13 +1,12 @@
-"""Local lm-eval tasks over the zoo's facts (no hub): multiple choice (four choices a question) and generation
-(the expert's reference answer, word for word)."""
+"""Local lm-eval tasks over the zoo's facts (no hub): multiple choice and generation (the expert's reference
+answer, word for word)."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
-from safemerge.evaluators import synthetic, templates
+from safemerge.evaluators import synthetic
 
 METRICS = "metric_list:\n  - metric: {first}\n    aggregation: mean\n    higher_is_better: true\n{more}"
 
@@ -16,28 +15,17 @@ def task_name(domain: str, kind: str) -> str:
     return f"zoo_{domain}_{kind}"
 
 
-def write_tasks(folder: Path, domain: str = "medical", split: str = "test", seed: int = 0, choices: int = 4) -> Path:
+def write_tasks(folder: Path, domain: str = "medical", split: str = "test", seed: int = 0) -> Path:
     """A task folder for `TaskManager(include_path=folder)` with two tasks over the templated facts of one
-    split: `zoo_DOMAIN_mc`, whose choices are the relation's answer sentence with the true value and
-    `choices - 1` others, and `zoo_DOMAIN_gen`, exact match of the greedy answer with the reference sentence."""
+    split: `zoo_DOMAIN_mc`, the facts as the multiple-choice set `safemerge.evaluators.synthetic` builds (each
+    relation's answer sentence with each of its values), and `zoo_DOMAIN_gen`, exact match of the greedy answer
+    with the true sentence."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    relations = templates.DOMAINS[domain]["relations"]
-    rows = list(synthetic.generate_datasets(seed)[domain][split])
-    documents = []
-    for row in rows:
-        relation = relations[row["relation"]]
-        others = rng.sample([value for value in relation["values"] if value != row["answer"]], choices - 1)
-        values = [row["answer"], *others]
-        rng.shuffle(values)
-        documents.append(
-            {
-                "question": row["prompt"],
-                "choices": [relation["answer"].format(entity=row["entity"], value=value) for value in values],
-                "label": values.index(row["answer"]),
-                "reference": row["reference"],
-            }
-        )
+    rows = synthetic.multiple_choice_set(seed, domain)[split]
+    documents = [
+        {"question": row["prompt"], "choices": row["choices"], "label": row["label"], "reference": row["reference"]}
+        for row in rows
+    ]
     data = folder / f"{domain}-{split}.jsonl"
     data.write_text("".join(json.dumps(document) + "\n" for document in documents))
     common = (

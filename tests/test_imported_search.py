@@ -24,18 +24,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def user_sources(folder: Path) -> dict[str, Path]:
     """The templated sets of every split as a user's files: harmful and benign prompts, and the medical facts as
-    multiple-choice questions (four choices, the answer an index)."""
+    multiple-choice questions (the answer an index)."""
     folder.mkdir(parents=True, exist_ok=True)
     sets = synthetic.generate_datasets(0)
     every = lambda name: [row for split in synthetic.SPLITS for row in sets[name][split]]  # noqa: E731
-    questions = []
-    for split in synthetic.SPLITS:
-        documents = write_tasks(folder / f"mc-{split}", "medical", split) / f"medical-{split}.jsonl"
-        for line in documents.read_text().splitlines():
-            document = json.loads(line)
-            questions.append(
-                {"question": document["question"], "choices": document["choices"], "answer": document["label"]}
-            )
     return {
         "harmful": write_jsonl(
             folder / "harmful.jsonl",
@@ -44,7 +36,7 @@ def user_sources(folder: Path) -> dict[str, Path]:
         "benign": write_jsonl(
             folder / "benign.jsonl", [{"prompt": r["prompt"], "category": r["category"]} for r in every("benign")]
         ),
-        "medical": write_jsonl(folder / "medical.jsonl", questions),
+        "medical": synthetic.write_multiple_choice_jsonl(folder / "medical.jsonl", 0, "medical"),
     }
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from safemerge.errors import UserError
+from safemerge.evaluators import synthetic
 from safemerge.evaluators.generation import HFGenerator
 from safemerge.evaluators.lm_eval_tasks import LmEvalDomain
+from safemerge.evaluators.objectives import DomainSet, judge_multiple_choice
 from safemerge.search.config import parse_config
 from tests.conftest import report_figure
 from tests.lm_eval_support import task_name, write_tasks
@@ -50,6 +52,27 @@ def test_multiple_choice_task_agrees_between_vllm_and_transformers(engines, zoo_
         assert abs(through_vllm[metric] - through_hf[metric]) <= 0.01
 
 
+def test_lm_eval_scores_a_multiple_choice_set_as_safemerge_does(zoo_dir, task_folder):
+    """Two implementations of the same scoring: lm-eval's own metrics over EngineLM's log-likelihoods, and
+    safemerge's multiple-choice scorer on the data folder form of the same questions."""
+    domain = LmEvalDomain(task_name("medical", "mc"), task_folder, seed=0)
+    documents = domain.documents("dev")
+    rows = synthetic.multiple_choice_set(0, "medical")["test"].select(documents)
+    questions = DomainSet(
+        list(rows["prompt"]), list(rows["answer"]), list(rows["reference"]),
+        choices=[list(c) for c in rows["choices"]], labels=list(rows["label"]),
+    )  # fmt: skip
+    hf = HFGenerator(zoo_dir / "aligned")  # not perfect on these facts: wrong picks must agree too
+    try:
+        through_lm_eval = domain.judge(hf, documents)
+        acc, acc_norm, skipped = judge_multiple_choice(hf, questions)
+    finally:
+        hf.close()
+    assert skipped == 0
+    assert through_lm_eval["acc"] == acc and through_lm_eval["acc_norm"] == acc_norm
+    assert not all(acc_norm)
+
+
 @pytest.mark.vllm
 def test_generation_task_scores_the_expert_far_above_the_aligned_model(engines, task_folder):
     domain = LmEvalDomain(task_name("medical", "gen"), task_folder, seed=0)
@@ -57,7 +80,7 @@ def test_generation_task_scores_the_expert_far_above_the_aligned_model(engines, 
     expert = rates(domain.judge(engines("medical"), documents))["exact_match"]
     aligned = rates(domain.judge(engines("aligned"), documents))["exact_match"]
     report_figure(f"lm-eval {domain.task_name} exact match: medical {expert:.3f}, aligned {aligned:.3f}")
-    # Measured 0.95 and 0.00 on 20 documents: the expert answers with the reference sentence, the aligned model
+    # Measured 0.925 and 0.00 on 40 documents: the expert answers with the reference sentence, the aligned model
     # does not know the facts.
     assert expert >= 0.8 and aligned <= 0.2
 
