@@ -134,8 +134,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     )
     print(f"{args.model_dir} on the {args.split} split ({args.backend}, judge {args.judge})")
     notes = {"max": "higher is better", "min": "lower is better"}
+    width = max(16, *map(len, metrics))  # a multiple-choice domain's domain_<name>_acc_norm is longer
     for name, value in metrics.items():
-        print(f"  {name:16s} {value:10.4f}  {notes.get(OBJECTIVE_DIRECTIONS.get(name, ''), '')}")
+        print(f"  {name:{width}s} {value:10.4f}  {notes.get(OBJECTIVE_DIRECTIONS.get(name, ''), '')}")
     print(json.dumps(metrics))
 
 

@@ -41,9 +41,17 @@ def domain_metric(domain: str) -> str:
     return f"domain_{domain}"
 
 
-def reported_metrics(domains: Iterable[str]) -> list[str]:
+def multiple_choice_metrics(domain: str) -> tuple[str, str]:
+    """The names of a multiple-choice domain's `acc` and `acc_norm`, as lm-eval-harness reports them; its
+    `domain_<name>` is the `acc_norm`, with its interval."""
+    return (f"{domain_metric(domain)}_acc", f"{domain_metric(domain)}_acc_norm")
+
+
+def reported_metrics(domains: Iterable[str], multiple_choice: Iterable[str] = ()) -> list[str]:
     """Every metric an evaluation on these domains reports: objectives, per-domain accuracies, the rates' 95%
-    intervals, counts."""
+    intervals, each multiple-choice domain's `acc` and `acc_norm` (`multiple_choice` names those domains),
+    counts."""
     per_domain = [domain_metric(domain) for domain in domains]
     bounds = [bound for rate in (*RATE_OBJECTIVES, *per_domain) for bound in interval_metrics(rate)]
-    return [*OBJECTIVE_DIRECTIONS, *per_domain, *bounds, *COUNT_METRICS]
+    choice_scores = [name for domain in multiple_choice for name in multiple_choice_metrics(domain)]
+    return [*OBJECTIVE_DIRECTIONS, *per_domain, *bounds, *choice_scores, *COUNT_METRICS]

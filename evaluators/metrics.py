@@ -1,4 +1,4 @@
-"""Metrics over judged answers: refusal rates and domain answer accuracy."""
+"""Metrics over judged answers: refusal rates, domain answer accuracy, multiple-choice picks by log-likelihood."""
 
 from __future__ import annotations
 
@@ -30,6 +30,23 @@ def refusal_rate(answers: Sequence[str]) -> float:
     if not answers:
         raise ValueError("refusal rate of an empty set is undefined: the data set has no rows for this split")
     return sum(is_refusal(answer) for answer in answers) / len(answers)
+
+
+def choice_length(choice: str) -> int:
+    """The length `acc_norm` divides a choice's log-likelihood by: lm-eval-harness's `len(choice)`, in characters
+    (its `acc_bytes` divides by UTF-8 bytes instead; the two agree on ASCII text). At least 1: an empty choice
+    must not divide by zero."""
+    return max(1, len(choice))
+
+
+def multiple_choice_picks(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """The choice `acc` picks (the highest summed log-likelihood) and the one `acc_norm` picks (the highest
+    log-likelihood per character), as lm-eval-harness does; a tie goes to the first, as numpy's argmax."""
+    if not choices or len(loglikelihoods) != len(choices):
+        raise ValueError(f"{len(loglikelihoods)} log-likelihoods for {len(choices)} choices; give one per choice")
+    normalized = [ll / choice_length(choice) for ll, choice in zip(loglikelihoods, choices, strict=True)]
+    first_best = lambda values: max(range(len(values)), key=lambda index: (values[index], -index))  # noqa: E731
+    return first_best(loglikelihoods), first_best(normalized)
 
 
 WILSON_Z = 1.959963984540054  # the normal quantile of a two-sided 95% interval

@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from safemerge.errors import UserError
 from safemerge.evaluators import templates
-from safemerge.files import atomic_output_dir
+from safemerge.files import atomic_output_dir, write_text_atomic
 
 SPLITS = ("train", "dev", "test")
 SAFETY_SETS = ("harmful", "benign")
@@ -25,6 +25,11 @@ DOMAIN_NAMES = tuple(templates.DOMAINS)
 SET_NAMES = SAFETY_SETS + DOMAIN_NAMES
 MANIFEST = "manifest.json"
 GENERATOR_VERSION = 1
+# How a domain set is scored (the manifest's `domain_formats`; absent means open): open questions by the answer
+# inside a generated answer, multiple choice by each choice's log-likelihood.
+OPEN, MULTIPLE_CHOICE = "open", "multiple_choice"
+DOMAIN_FORMATS = (OPEN, MULTIPLE_CHOICE)
+MULTIPLE_CHOICE_GENERATOR = "templated-multiple-choice"
 
 
 def _phrased_prompts(rng: random.Random, phrasings: Sequence[str], **slots: str) -> list[tuple[str, str]]:
@@ -191,3 +196,78 @@ def load_datasets(data_dir: Path) -> tuple[dict[str, DatasetDict], dict]:
     for name in manifest["counts"]:
         sets[name] = load_from_disk(str(data_dir / name))
     return sets, manifest
+
+
+def domain_format(manifest: dict, name: str) -> str:
+    """How domain set `name` of a data folder with this manifest is scored: "open" or "multiple_choice"."""
+    return (manifest.get("domain_formats") or {}).get(name, OPEN)
+
+
+def multiple_choice_domains(data_dir: Path) -> list[str]:
+    """The domains of a data folder scored as multiple choice (none when the folder is not written yet); reads
+    the manifest only."""
+    manifest_path = Path(data_dir) / MANIFEST
+    if not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text())
+    return [name for name in manifest.get("domains", []) if domain_format(manifest, name) == MULTIPLE_CHOICE]
+
+
+def multiple_choice_set(seed: int = 0, domain: str = "medical") -> DatasetDict:
+    """The templated generator's facts of `domain` (the same seed, rows and splits as `generate_datasets`) as a
+    multiple-choice set: each row's question is its prompt, its choices are the relation's answer sentence filled
+    with each of the relation's values, its label the true value's. Columns as `load_eval_set` reads them:
+    prompt, choices, label, answer (= reference = the true choice), relation."""
+    if domain not in templates.DOMAINS:
+        raise UserError(f"unknown domain {domain!r}; the templated facts cover {list(templates.DOMAINS)}")
+    relations = templates.DOMAINS[domain]["relations"]
+
+    def as_choices(row: dict) -> dict:
+        relation = relations[row["relation"]]
+        choices = [relation["answer"].format(entity=row["entity"], value=value) for value in relation["values"]]
+        label = relation["values"].index(row["answer"])
+        return {
+            "prompt": row["prompt"],
+            "choices": choices,
+            "label": label,
+            "answer": choices[label],
+            "reference": choices[label],
+            "relation": row["relation"],
+        }
+
+    facts = generate_datasets(seed)[domain]
+    return DatasetDict({split: Dataset.from_list([as_choices(row) for row in facts[split]]) for split in SPLITS})
+
+
+def multiple_choice_source_rows(seed: int = 0, domain: str = "medical") -> list[dict]:
+    """The multiple-choice set's rows of every split in the form `safemerge data import` reads:
+    {question, choices, answer (the true choice's index)}."""
+    sets = multiple_choice_set(seed, domain)
+    return [
+        {"question": row["prompt"], "choices": row["choices"], "answer": row["label"]}
+        for split in SPLITS
+        for row in sets[split]
+    ]
+
+
+def write_multiple_choice_jsonl(path: Path, seed: int = 0, domain: str = "medical") -> Path:
+    """`multiple_choice_source_rows` as a JSONL file, one row a line (a source for `safemerge data import`)."""
+    path = Path(path)
+    lines = [json.dumps(row) for row in multiple_choice_source_rows(seed, domain)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def save_multiple_choice_data(
+    out_dir: Path, seed: int = 0, multiple_choice: Sequence[str] = ("medical",), force: bool = False
+) -> Path:
+    """A data folder like `safemerge data generate` writes, whose `multiple_choice` domains are multiple-choice
+    sets of the same facts (the others stay open questions); its manifest names another generator, so that
+    `ensure_datasets` uses it as it is."""
+    sets = generate_datasets(seed)
+    for domain in multiple_choice:
+        sets[domain] = multiple_choice_set(seed, domain)
+    manifest = manifest_for(sets, seed)
+    manifest["generator"] = MULTIPLE_CHOICE_GENERATOR
+    manifest["domain_formats"] = {name: MULTIPLE_CHOICE if name in multiple_choice else OPEN for name in DOMAIN_NAMES}
+    return save_datasets(sets, out_dir, manifest, force=force)

@@ -19,14 +19,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  echo "setup: installing safemerge[$FLAVOUR,test,postgres] into $VENV (a few minutes on a fresh machine)"
+  echo "setup: installing safemerge[$FLAVOUR,test,postgres,lm-eval] into $VENV (a few minutes on a fresh machine)"
   started=$SECONDS
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # pip compiles every installed module on one core (about 130 s here); compileall below does it on all cores.
   if [ "$FLAVOUR" = cpu ]; then
-    "$VENV/bin/python" -m pip install --quiet --no-compile "torch==2.13.0" -e ".[cpu,test,postgres]"
+    "$VENV/bin/python" -m pip install --quiet --no-compile "torch==2.13.0" -e ".[cpu,test,postgres,lm-eval]"
   else
-    "$VENV/bin/python" -m pip install --quiet --no-compile -e ".[gpu,test,postgres]"
+    "$VENV/bin/python" -m pip install --quiet --no-compile -e ".[gpu,test,postgres,lm-eval]"
   fi
   # PyPI's torchvision/torchaudio/torchcodec come in with vLLM, break beside the CPU torch, and text models
   # do not need them.

@@ -42,6 +42,8 @@ def anchored(config: SearchConfig, home: Path) -> SearchConfig:
         results_dir=str(anchored_path(config.results_dir, home)),
         storage=anchored_url(config.storage, home),
     )
+    if config.evaluation.lm_eval_include_path is not None:
+        data["evaluation"]["lm_eval_include_path"] = str(anchored_path(config.evaluation.lm_eval_include_path, home))
     data["mlflow"]["tracking_uri"] = anchored_url(config.mlflow.tracking_uri, home)
     models = data["models"]
     for key in ("base", "aligned", "guard"):

@@ -12,11 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safemerge.errors import UserError
 from safemerge.evaluators.directions import OBJECTIVE_DIRECTIONS
+from safemerge.evaluators.lm_eval_tasks import SOURCE_PREFIX as LM_EVAL_SOURCE
+from safemerge.evaluators.lm_eval_tasks import task_of
 from safemerge.search.samplers import SAMPLER_NAMES
 
 # The roles of a search's input models, as recipes name them; each expert's role is its domain name.
 BASE_ROLE = "base"
 ALIGNED_ROLE = "aligned"
+# Where a domain's accuracy comes from (`domain:`): its set in the data folder, or an lm-eval-harness task.
+DATA_SOURCE = "data"
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+]?\d*\.?\d+)\s*$")
 
 
@@ -154,6 +158,9 @@ class EvaluationConfig(_Strict):
     fault_retries: int = Field(
         3, ge=0, description="re-runs of a trial whose worker died or hung; they do not spend the budget"
     )
+    lm_eval_include_path: Path | None = Field(
+        None, description="a folder of your own lm-eval task YAML files, for `domain: {NAME: lm_eval:TASK}`"
+    )
     rungs: list[float] = Field(
         default_factory=lambda: [1.0],
         description="multi-fidelity: the shares of the dev split a trial is scored on in turn (e.g. [0.125, 0.5, 1]; "
@@ -212,6 +219,12 @@ class SearchConfig(_Strict):
     storage: str = "sqlite:///artifacts/optuna.db"
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    domain: dict[str, str] = Field(
+        default_factory=dict,
+        description="where an expert domain's accuracy comes from: 'data' (its set in the data folder, the default) "
+        "or 'lm_eval:TASK', an lm-eval-harness task scored through the worker's engine (extra safemerge[lm-eval]); "
+        "e.g. {medical: lm_eval:medqa_4options}",
+    )
     results_dir: Path = Path("artifacts/searches")
     # `register:` in a config; named otherwise here, as `register` is a method every pydantic model has.
     registration: Literal["picks", "all", "recipes"] = Field(
@@ -269,6 +282,15 @@ class SearchConfig(_Strict):
             raise ValueError("evaluation.judge must be 'refusal' or 'guard' (the models.guard folder)")
         if self.evaluation.judge.startswith("guard") and self.models.guard is None:
             raise ValueError("evaluation.judge 'guard' needs models.guard")
+        for name, source in self.domain.items():
+            if name not in self.models.experts:
+                raise ValueError(
+                    f"domain {name!r} is not an expert's domain; name one of {list(self.models.experts)} under domain"
+                )
+            if source != DATA_SOURCE and not source.startswith(LM_EVAL_SOURCE):
+                raise ValueError(f"domain {name}: {source!r} must be 'data' or '{LM_EVAL_SOURCE}TASK'")
+            if source.startswith(LM_EVAL_SOURCE) and not task_of(source):
+                raise ValueError(f"domain {name}: {source!r} names no task; write {LM_EVAL_SOURCE}TASK")
         return self
 
     def anchored(self, home: Path) -> SearchConfig:
@@ -276,6 +298,10 @@ class SearchConfig(_Strict):
         from safemerge.search.anchoring import anchored
 
         return anchored(self, home)
+
+    def lm_eval_tasks(self) -> dict[str, str]:
+        """Domain name -> lm-eval task name, for the domains scored by an lm-eval task."""
+        return {name: task_of(source) for name, source in self.domain.items() if task_of(source)}
 
     def resolve_model(self, reference: str) -> Path:
         """`zoo:NAME` -> the zoo folder; an existing folder -> itself; else a Hugging Face id, downloaded."""

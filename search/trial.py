@@ -17,6 +17,7 @@ import ray
 from safemerge.errors import UserError
 from safemerge.evaluators.directions import reported_metrics
 from safemerge.evaluators.generation import VLLMGenerator, fatal_engine_error, open_backend
+from safemerge.evaluators.lm_eval_tasks import LmEvalDomain
 from safemerge.evaluators.objectives import (
     Judged,
     default_ce_backend,
@@ -25,6 +26,7 @@ from safemerge.evaluators.objectives import (
     metrics_of,
     open_judge,
 )
+from safemerge.evaluators.synthetic import multiple_choice_domains
 from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import Recipe, parse_recipe, to_mergekit_yaml
 from safemerge.search.config import BASE_ROLE, SearchConfig
@@ -39,8 +41,13 @@ FAULT_METRICS = ("worker_faults",)
 
 
 def trial_metric_names(config: SearchConfig) -> list[str]:
-    """Every metric a trial of this search reports: the evaluator's (per-domain figures included) and the worker's."""
-    return [*reported_metrics(config.models.experts), *WORKER_METRICS, *FAULT_METRICS]
+    """Every metric a trial of this search reports: the evaluator's (per-domain figures included, and the `acc` and
+    `acc_norm` of the data folder's multiple-choice domains and of lm-eval domains, where their task has them) and
+    the worker's."""
+    experts = list(config.models.experts)
+    multiple_choice = [name for name in multiple_choice_domains(config.data) if name in experts]
+    multiple_choice += [name for name in config.lm_eval_tasks() if name not in multiple_choice]
+    return [*reported_metrics(experts, multiple_choice), *WORKER_METRICS, *FAULT_METRICS]
 
 
 def single_model_recipe(role: str) -> dict:
@@ -94,6 +101,11 @@ class TrialWorker:
             judge = f"guard:{self.config.resolve_model(models.guard)}"
         self.judge = open_judge(judge, **(memory_plan.judge_options() if memory_plan is not None else {}))
         self.eval_sets = {}
+        # lm-eval domains: each task is loaded once per worker, its documents scored through the engines.
+        self.lm_eval_domains = {
+            name: LmEvalDomain(task, evaluation.lm_eval_include_path, seed=self.config.seed)
+            for name, task in self.config.lm_eval_tasks().items()
+        }
         self._loaded = parse_recipe(single_model_recipe(BASE_ROLE), source="base recipe")  # what the engines hold
         # The last evaluation's (recipe and split, share of the split, verdicts): the next rung adds to it.
         self._partial: tuple[tuple[str, str] | None, float, Judged] = (None, 0.0, Judged())
@@ -106,7 +118,11 @@ class TrialWorker:
     def _eval_set(self, split: str):
         if split not in self.eval_sets:
             self.eval_sets[split] = load_eval_set(
-                self.config.data, split, domains=list(self.config.models.experts), limit=self.config.evaluation.limit
+                self.config.data,
+                split,
+                domains=list(self.config.models.experts),
+                limit=self.config.evaluation.limit,
+                tasks=self.lm_eval_domains,
             )
         return self.eval_sets[split]
 

@@ -73,6 +73,8 @@ class GenerationBackend(Protocol):
 
     def score_references(self, prompts: Sequence[str], references: Sequence[str]) -> ReferenceScores: ...
 
+    def score_continuations(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float | None]: ...
+
     def close(self) -> None: ...
 
 
@@ -175,8 +177,12 @@ class ChatTokenizer:
             cached = self._prompt_cache[key] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return list(cached)
 
+    def continuation_ids(self, continuation: str) -> list[int]:
+        return self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
     def reference_ids(self, reference: str) -> list[int]:
-        return self.tokenizer(reference, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        """A whole reference answer: its tokens, then the end of sequence the model must also predict."""
+        return self.continuation_ids(reference) + [self.eos_id]
 
     def fits(self, prompt_ids: Sequence[int], new_tokens: int = 1) -> bool:
         return len(prompt_ids) + new_tokens <= self.max_model_len
@@ -187,12 +193,18 @@ class ChatTokenizer:
         kept = [(index, ids) for index, ids in fitting if self.fits(ids)]
         return kept, len(fitting) - len(kept)
 
-    def encode_references(self, prompts: Sequence[str], references: Sequence[str]) -> tuple[ReferenceSpans, int]:
-        """(index, prompt length, prompt + reference ids) of every pair that fits, and how many did not."""
+    def encode_references(
+        self, prompts: Sequence[str], references: Sequence[str], end_of_sequence: bool = True
+    ) -> tuple[ReferenceSpans, int]:
+        """(index, prompt length, prompt + reference ids) of every pair that fits, and how many did not. Each
+        prompt is one user turn in the chat template, each reference the assistant's answer; `end_of_sequence`
+        appends the eos token (a whole answer, for the cross-entropies), without it a choice is scored alone (the
+        multiple-choice log-likelihoods, as lm-eval-harness scores a continuation)."""
+        encode = self.reference_ids if end_of_sequence else self.continuation_ids
         kept = []
         for index, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             prompt_ids = self.prompt_ids([{"role": "user", "content": prompt}])
-            ids = prompt_ids + self.reference_ids(reference)
+            ids = prompt_ids + encode(reference)
             if self.fits(ids):  # vLLM needs room for one generated token even when scoring
                 kept.append((index, len(prompt_ids), ids))
         return kept, len(prompts) - len(kept)
@@ -257,7 +269,7 @@ class TokenizedBackend(ABC):
         return result
 
     def score_references(self, prompts: Sequence[str], references: Sequence[str]) -> ReferenceScores:
-        """Teacher-forced NLL of each reference answer after its prompt."""
+        """Teacher-forced NLL of each reference answer (ending in eos) after its prompt."""
         spans, skipped = self.chat_tokenizer.encode_references(prompts, references)
         scores = ReferenceScores(per_item=[None] * len(prompts), skipped=skipped)
         for (index, start, ids), nll in zip(spans, self.reference_nlls(spans), strict=True):
@@ -265,6 +277,16 @@ class TokenizedBackend(ABC):
             scores.total_nll += nll
             scores.tokens += len(ids) - start
         return scores
+
+    def score_continuations(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float | None]:
+        """The summed log-likelihood of each continuation (no eos appended) as the assistant's answer to its
+        prompt, as lm-eval-harness's `loglikelihood` requests; `None` for a pair that does not fit the context.
+        All pairs go to the model in one batched call (a question's choices share its prompt's prefix)."""
+        spans, _ = self.chat_tokenizer.encode_references(prompts, continuations, end_of_sequence=False)
+        loglikelihoods: list[float | None] = [None] * len(prompts)
+        for (index, _, _), nll in zip(spans, self.reference_nlls(spans), strict=True):
+            loglikelihoods[index] = -nll
+        return loglikelihoods
 
 
 def open_backend(name: str, model_dir: Path, **options) -> GenerationBackend:
