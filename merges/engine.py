@@ -502,7 +502,9 @@ class _TensorStatistics:
 
             single = magnitudes if self.whole else None
             sample = self.engine._samples.get((self.name, slot))
-            self._cuts[key] = top_cut(count, self.total, chunks, single=single, sample=sample)
+            # A tensor in one chunk never takes a side pass, so the side pool's base buffer is free to select in.
+            workspace = self.engine._buffer(1, -1, self.total) if self.whole else None
+            self._cuts[key] = top_cut(count, self.total, chunks, single=single, sample=sample, workspace=workspace)
         return self._cuts[key]
 
     def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:

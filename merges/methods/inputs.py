@@ -4,18 +4,14 @@ vectors (TensorInputs), their linear combination, and the chunked reductions tha
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from safemerge.merges.methods.selection import TopCut
+from safemerge.merges.methods.selection import CPU_THREADS, TopCut, cpu_pool
 
-# One pool, a thread per torch CPU thread, for the numpy work of the merge (random draws, della's row sorts):
-# numpy releases the GIL in both.
-CPU_THREADS = max(1, torch.get_num_threads())
-cpu_pool = ThreadPoolExecutor(max_workers=CPU_THREADS)
+__all__ = ["CPU_THREADS", "cpu_pool"]  # the merge's thread pool, defined with the selections that use it too
 
 
 @dataclass(frozen=True)

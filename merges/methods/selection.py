@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+# One pool, a thread per torch CPU thread, for the numpy work of the merge (random draws, della's row sorts, the
+# scans of a magnitude cut): numpy releases the GIL in all of them, and runs each call on one core.
+CPU_THREADS = max(1, torch.get_num_threads())
+cpu_pool = ThreadPoolExecutor(max_workers=CPU_THREADS)
+_PARALLEL_ELEMENTS = 1 << 16  # below this a scan is not worth splitting across the pool
+
+
+def _in_parallel(array: np.ndarray, scan: Callable[[np.ndarray], Any]) -> list[tuple[int, Any]]:
+    """(offset, scan(part)) for consecutive parts of a flat array, one per pool thread."""
+    if CPU_THREADS == 1 or array.size < _PARALLEL_ELEMENTS:
+        return [(0, scan(array))]
+    step = -(-array.size // CPU_THREADS)
+    offsets = range(0, array.size, step)
+    return list(zip(offsets, cpu_pool.map(lambda offset: scan(array[offset : offset + step]), offsets), strict=True))
+
 
 MagnitudeChunks = Callable[[], Iterable[tuple[int, torch.Tensor]]]  # fresh (start, |tensor| chunk) pairs per call
 
@@ -30,6 +48,7 @@ class TopCut:
     value: float = 0.0
     tied_kept: int | None = None  # None: every element equal to `value` is kept
     tied_before: dict[int, int] = field(default_factory=dict)
+    tied_within: dict[int, int] = field(default_factory=dict)  # elements equal to `value` in the chunk at start
 
     @property
     def straddles(self) -> bool:
@@ -44,12 +63,41 @@ class TopCut:
             return out.zero_()
         if self.tied_kept is None:
             return torch.ge(magnitudes, self.value, out=out)
-        tied = (magnitudes.reshape(-1) == self.value).nonzero().squeeze(1)  # before `out` may overwrite it
-        torch.gt(magnitudes, self.value, out=out)
         room = self.tied_kept - self.tied_before.get(start, 0)
-        if room > 0:
-            out.view(-1)[tied[:room]] = 1.0
+        if room <= 0:  # the kept tied elements all lie in earlier chunks
+            return torch.gt(magnitudes, self.value, out=out)
+        if room >= self.tied_within.get(start, self.total):  # every tied element of this chunk is kept
+            return torch.ge(magnitudes, self.value, out=out)
+        tied = _positions_equal(magnitudes, self.value, room)  # before `out` may overwrite it
+        torch.gt(magnitudes, self.value, out=out)
+        out.view(-1)[tied] = 1.0
         return out
+
+    def sparsify(self, vector: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+        """out = vector where |vector| is kept (the chunk at flat offset `start`), else 0: mask(|vector|) *
+        vector, in one pass (hardshrink keeps x where |x| > lambd) unless a tie straddles the cut in this chunk."""
+        if self.count >= self.total:
+            return out.copy_(vector)
+        if self.count <= 0:
+            return out.zero_()
+        room = self.total if self.tied_kept is None else self.tied_kept - self.tied_before.get(start, 0)
+        if room <= 0:  # |x| > value
+            return torch.hardshrink(vector, self.value, out=out)
+        if room >= self.tied_within.get(start, self.total):  # |x| >= value: above the largest float below it
+            if self.value == 0:
+                return out.copy_(vector)
+            return torch.hardshrink(vector, float(np.nextafter(np.float32(self.value), np.float32(0))), out=out)
+        torch.abs(vector, out=out)
+        return self.mask(out, start, out=out).mul_(vector)
+
+
+def _positions_equal(magnitudes: torch.Tensor, value: float, room: int) -> torch.Tensor:
+    """Flat positions of the first `room` elements equal to `value`."""
+    flat = magnitudes.reshape(-1)
+    if flat.device.type == "cpu":
+        parts = _in_parallel(flat.numpy(), lambda part: np.flatnonzero(part == np.float32(value)))
+        return torch.from_numpy(np.concatenate([positions + offset for offset, positions in parts])[:room])
+    return (flat == value).nonzero().squeeze(1)[:room]
 
 
 def top_cut(
@@ -58,14 +106,16 @@ def top_cut(
     chunks: MagnitudeChunks,
     single: torch.Tensor | None = None,
     sample: np.ndarray | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> TopCut:
     """The cut of the `count` largest of `total` non-negative finite magnitudes. `single` is the whole tensor's
-    magnitudes when it is held in one chunk; otherwise `chunks()` streams them (called once per pass), and
-    `sample`, an ascending sample of them, brackets the cut so that one pass finds it."""
+    magnitudes when it is held in one chunk (`workspace`, a buffer of its size, spares the selection a fresh
+    copy); otherwise `chunks()` streams them (called once per pass), and `sample`, an ascending sample of them,
+    brackets the cut so that one pass finds it."""
     if count >= total or count <= 0:
         return TopCut(count, total)
     if single is not None:
-        return _cut_in_memory(count, total, single)
+        return _cut_in_memory(count, total, single, workspace)
     if sample is not None and sample.size:
         cut = _cut_in_bracket(count, total, chunks, sample)
         if cut is not None:
@@ -96,11 +146,17 @@ def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.
     above, inside = 0, []
     for start, magnitudes in chunks():
         flat = magnitudes.reshape(-1)
-        above += int(torch.count_nonzero(flat > high))
-        values = flat[(flat >= low) & (flat <= high)]
-        if values.numel() > _MOST_IN_BRACKET * flat.numel():
+        if flat.device.type == "cpu":  # numpy, a part of the chunk per thread
+            parts = [scanned for _, scanned in _in_parallel(flat.numpy(), lambda part: _scan_bracket(part, low, high))]
+            at_least_low = sum(count for count, _ in parts)
+            values = np.concatenate([part_values for _, part_values in parts])
+        else:
+            at_least_low = int(torch.count_nonzero(flat >= low))
+            values = flat[(flat >= low) & (flat <= high)].cpu().numpy()
+        above += at_least_low - values.size
+        if values.size > _MOST_IN_BRACKET * flat.numel():
             return None
-        inside.append((start, values.cpu().numpy()))
+        inside.append((start, values))
     collected = np.concatenate([values for _, values in inside])
     within = count - above  # the cut is the within-th largest collected value
     if not 0 < within <= collected.size:
@@ -110,28 +166,43 @@ def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.
     tied = int(np.count_nonzero(collected == value))
     if value == 0 or greater + tied <= count:
         return TopCut(count, total, float(value))
-    tied_before, seen = {}, 0
+    tied_before, tied_within, seen = {}, {}, 0
     for start, values in inside:
-        tied_before[start] = seen
-        seen += int(np.count_nonzero(values == value))
-    return TopCut(count, total, float(value), tied_kept=count - greater, tied_before=tied_before)
+        tied_before[start], tied_within[start] = seen, int(np.count_nonzero(values == value))
+        seen += tied_within[start]
+    return TopCut(count, total, float(value), count - greater, tied_before, tied_within)
 
 
-def _cut_in_memory(count: int, total: int, magnitudes: torch.Tensor) -> TopCut:
+def _scan_bracket(magnitudes: np.ndarray, low: float, high: float) -> tuple[int, np.ndarray]:
+    """How many magnitudes are >= low, and those in [low, high]."""
+    in_bracket = magnitudes >= low
+    at_least_low = int(np.count_nonzero(in_bracket))
+    in_bracket &= magnitudes <= high
+    return at_least_low, np.extract(in_bracket, magnitudes)
+
+
+def _cut_in_memory(count: int, total: int, magnitudes: torch.Tensor, workspace: torch.Tensor | None) -> TopCut:
     split = total - count
     if magnitudes.device.type != "cpu":  # on an accelerator: its own selection, no copy to the host
         value = float(torch.kthvalue(magnitudes.reshape(-1), split + 1).values)
-        if value == 0 or int((magnitudes >= value).sum()) == count:
-            return TopCut(count, total, value)
+        tied = int((magnitudes == value).sum())
         above = int((magnitudes > value).sum())
-        return TopCut(count, total, value, tied_kept=count - above, tied_before={0: 0})
+        if value == 0 or above + tied == count:
+            return TopCut(count, total, value)
+        return TopCut(count, total, value, count - above, {0: 0}, {0: tied})
     values = magnitudes.reshape(-1).numpy()
-    partitioned = np.partition(values, split)  # [split] is the count-th largest; left <= it <= right
+    if workspace is not None:  # partitioned in place in a buffer already resident: no fresh pages to fault in
+        partitioned = workspace.reshape(-1)[:total].numpy()
+        np.copyto(partitioned, values)
+        partitioned.partition(split)  # [split] is the count-th largest; left <= it <= right
+    else:
+        partitioned = np.partition(values, split)
     value = partitioned[split]
     if value == 0 or partitioned[:split].max() != value:  # zeros add nothing, whichever of them is kept
         return TopCut(count, total, float(value))
     above = int(np.count_nonzero(partitioned[split:] > value))
-    return TopCut(count, total, float(value), tied_kept=count - above, tied_before={0: 0})
+    tied = int(np.count_nonzero(partitioned == value))
+    return TopCut(count, total, float(value), count - above, {0: 0}, {0: tied})
 
 
 _HIGH_BINS = 1 << 15  # the sign bit of a magnitude is 0: its top 16 bits are below 2^15
@@ -162,8 +233,8 @@ def _cut_by_radix(count: int, total: int, chunks: MagnitudeChunks) -> TopCut:
     above, tied = above_high + above_low, int(low[low_bin])
     if value == 0 or above + tied <= count:
         return TopCut(count, total, value)
-    tied_before, seen = {}, 0
+    tied_before, tied_within, seen = {}, {}, 0
     for start, magnitudes in chunks():  # a tie straddles the cut: where the tied elements lie decides which stay
-        tied_before[start] = seen
-        seen += int((magnitudes == value).sum())
-    return TopCut(count, total, value, tied_kept=count - above, tied_before=tied_before)
+        tied_before[start], tied_within[start] = seen, int((magnitudes == value).sum())
+        seen += tied_within[start]
+    return TopCut(count, total, value, count - above, tied_before, tied_within)

@@ -29,9 +29,15 @@ def _magnitude(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, **_: Any
 ) -> torch.Tensor:
     count = max(1, int(density * inputs.numel))
-    magnitudes = torch.abs(task_vector, out=inputs.scratch(buffer))
-    cut = inputs.top_cut(model, count, magnitudes)
-    return cut.mask(magnitudes, inputs.start, out=magnitudes).mul_(task_vector)
+    out = inputs.scratch(buffer)
+    cut = inputs.top_cut(model, count, _magnitudes_if_whole(inputs, task_vector, out))
+    return cut.sparsify(task_vector, inputs.start, out=out)
+
+
+def _magnitudes_if_whole(inputs: TensorInputs, task_vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """|task vector| in `out` where the chunk is the whole tensor (its cut is selected from them); a tensor in
+    several chunks takes its cuts from a pass of its own, so `out` is left as it is."""
+    return torch.abs(task_vector, out=out) if inputs.whole else out
 
 
 def _breadcrumbs(
@@ -41,7 +47,7 @@ def _breadcrumbs(
     keep = int(density * total)
     outliers = int(gamma * total)
     smallest = max(0, total - keep - outliers)
-    magnitudes = torch.abs(task_vector, out=inputs.scratch(buffer))
+    magnitudes = _magnitudes_if_whole(inputs, task_vector, inputs.scratch(buffer))
     # Keep ascending ranks [smallest, smallest + keep): the top (total - smallest) minus the top outliers.
     kept = inputs.top_cut(model, total - smallest, magnitudes)
     dropped = inputs.top_cut(model, total - smallest - keep, magnitudes)
@@ -53,9 +59,9 @@ def _breadcrumbs(
         mask = magnitudes.zero_()
         mask.view(-1)[order[smallest : smallest + keep]] = 1.0
         return mask.mul_(task_vector)
-    outlier_mask = dropped.mask(magnitudes, inputs.start, out=inputs.scratch(buffer + 1))
-    kept.mask(magnitudes, inputs.start, out=magnitudes)
-    return magnitudes.sub_(outlier_mask).mul_(task_vector)
+    # The kept share minus the outliers (a subset of it): exact, each element is x - x, x - 0 or 0 - 0.
+    outliers = dropped.sparsify(task_vector, inputs.start, out=inputs.scratch(buffer + 1))
+    return kept.sparsify(task_vector, inputs.start, out=magnitudes).sub_(outliers)
 
 
 def _random(

@@ -83,6 +83,31 @@ def test_cuts_keep_exactly_the_largest_with_ties_to_the_earliest(chunk_rows, lev
         assert torch.equal(got[nonzero], expected[nonzero]), (count, chunk_rows)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3, 7])
+@pytest.mark.parametrize("levels", [3, 50, 100000])
+def test_a_cut_sparsifies_as_its_mask_times_the_vector(chunk_rows, levels):
+    generator = torch.Generator().manual_seed(levels)
+    signs = torch.randint(0, 2, (20, 13), generator=generator).float() * 2 - 1
+    vector = torch.randint(0, levels, (20, 13), generator=generator).float() * 0.37 * signs
+    magnitudes, flat, row = vector.abs(), vector.reshape(-1), vector.shape[1]
+    ranges = (
+        [(0, flat.numel())]
+        if chunk_rows is None
+        else [
+            (first * row, min(first + chunk_rows, vector.shape[0]) * row)
+            for first in range(0, vector.shape[0], chunk_rows)
+        ]
+    )
+    chunks = lambda: ((start, magnitudes.reshape(-1)[start:end]) for start, end in ranges)  # noqa: E731
+    for count in (0, 1, 17, 130, 259, 260, 300):
+        single = magnitudes if chunk_rows is None else None
+        cut = top_cut(count, flat.numel(), chunks, single=single)
+        for start, end in ranges:
+            piece = flat[start:end]
+            expected = cut.mask(piece.abs(), start, torch.empty_like(piece)) * piece
+            assert torch.equal(cut.sparsify(piece, start, torch.full_like(piece, 9.0)), expected), (count, start)
+
+
 @pytest.mark.parametrize("draw", [fill_uniform, lambda buffer, key, start=0: keep_mask(buffer, 0.3, key, start)])
 def test_random_streams_do_not_depend_on_where_a_chunk_starts(draw):
     whole = draw(torch.empty(2_200_003), "seed/tensor/model")
