@@ -27,7 +27,7 @@ from safemerge.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from safemerge.arguments import Parser
-    from safemerge.search.cli import add_override_options
+    from safemerge.search.cli import add_override_options, add_verbose_option
 
     parser = Parser(
         prog=f"python -m {ENTRYPOINT_MODULE}",
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $SAFEMERGE_OPTUNA_STORAGE, else the config's)",
     )
     add_override_options(parser)
+    add_verbose_option(parser)
     return parser
 
 
@@ -137,6 +138,9 @@ def prepare_inputs(config, log=print) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from safemerge.search.cli import quiet_unless_verbose
+
+    quiet_unless_verbose(args)
     try:
         config = job_config(args)
         print(f"{ENTRYPOINT_MODULE}: search {config.name!r}, {config.trials} trials, workers: {config.workers.count}")

@@ -30,7 +30,8 @@ curl -sf "$URL/health" >/dev/null || { echo "demo: MLflow server did not start; 
 NAME="zoo-medical-$(date +%Y%m%d-%H%M%S)"
 searching=1  # from here on the server holds the search's runs: it stays up, failed or not
 safemerge search compare configs/zoo.yaml --name "$NAME" --set "mlflow.tracking_uri=$URL" \
-  --grid-trials "${GRID_TRIALS:-9}" --domain-only-trials "${DOMAIN_ONLY_TRIALS:-12}" ${TRIALS:+--trials "$TRIALS"}
+  --grid-trials "${GRID_TRIALS:-9}" --domain-only-trials "${DOMAIN_ONLY_TRIALS:-12}" ${TRIALS:+--trials "$TRIALS"} \
+  ${VERBOSE:+--verbose}  # VERBOSE=1: the libraries' own output (Ray Tune, Optuna, MLflow, vLLM) too
 echo
 echo "demo: done in $((SECONDS - started)) s, set-up included"
 echo "demo: MLflow UI: $URL (experiment 'safemerge', parent run '$NAME'); stop the server with"

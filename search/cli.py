@@ -26,6 +26,22 @@ def add_override_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    """--verbose: the libraries' own output (Ray Tune's status tables, Optuna's and vLLM's info lines, MLflow's
+    run links, the workers' output) besides the search's progress."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' own output (Ray Tune, Optuna, MLflow, vLLM, the workers'), off by default",
+    )
+
+
+def quiet_unless_verbose(args: argparse.Namespace) -> None:
+    from safemerge.search.progress import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)
+
+
 def config_overrides(args: argparse.Namespace) -> dict:
     pairs = {
         "trials": args.trials,
@@ -46,6 +62,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_search_run(args: argparse.Namespace) -> None:
+    quiet_unless_verbose(args)
     from safemerge.search.config import load_config
     from safemerge.search.plan import check_worker_memory
 
@@ -87,6 +104,7 @@ def _cmd_search_plan(args: argparse.Namespace) -> None:
 
 
 def _cmd_search_resume(args: argparse.Namespace) -> None:
+    quiet_unless_verbose(args)
     from safemerge.search.driver import load_search_config
     from safemerge.search.plan import check_worker_memory
     from safemerge.search.run import execute, format_front
@@ -105,6 +123,7 @@ def _cmd_search_sync(args: argparse.Namespace) -> None:
 
 
 def _cmd_search_compare(args: argparse.Namespace) -> None:
+    quiet_unless_verbose(args)
     from safemerge.search.config import load_config
     from safemerge.search.plan import check_worker_memory
 
@@ -145,6 +164,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
     add_override_options(run)
+    add_verbose_option(run)
     run.set_defaults(handler=_cmd_search_run)
     plan = search_commands.add_parser(
         "plan",
@@ -177,6 +197,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     comparison.add_argument("config", type=Path, help="a search config, e.g. configs/zoo.yaml")
     add_override_options(comparison)
+    add_verbose_option(comparison)
     comparison.add_argument("--grid-trials", type=whole_number, default=9, help="grid points tried (of 25)")
     comparison.add_argument(
         "--domain-only-trials", type=whole_number, help="budget of the domain-only search (default: the config's)"
@@ -190,6 +211,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     resume.add_argument("name", help="the search name")
     resume.add_argument("--trials", type=whole_number, help="raise the trial budget (default: the search's own)")
     resume.add_argument("--results-dir", type=Path, default=Path("artifacts/searches"), help="where searches live")
+    add_verbose_option(resume)
     resume.set_defaults(handler=_cmd_search_resume)
     sync = search_commands.add_parser(
         "sync",

@@ -28,6 +28,7 @@ from safemerge.search.budget import SearchClock, exhausted, format_spend, spend_
 from safemerge.search.config import SearchConfig, load_config
 from safemerge.search.fidelity import ParetoHalving
 from safemerge.search.pareto import Point, hypervolume, pareto_front
+from safemerge.search.progress import SearchConsole, libraries_verbose
 from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
@@ -62,10 +63,10 @@ def study_points(study: optuna.Study) -> list[Point]:
 
 
 class Progress(DriverSide, tune.Callback):
-    """One line per finished trial: done/total, failures, current hypervolume, the spend against the budget;
-    `on_finished` hooks in."""
+    """One line per finished trial: done/total, failures, current hypervolume, the spend against the budget; on a
+    terminal, above the search's progress bar (search/progress.py). `on_finished` hooks in."""
 
-    driver_only = ("config", "study", "clock", "on_finished", "log")
+    driver_only = ("config", "study", "clock", "on_finished", "log", "console")
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Progress(DriverSide, tune.Callback):
         self.failed = self.pruned = 0
         self.clock = SearchClock(study)
         self.budget_reached: str | None = None
+        self.console = SearchConsole(config, spend_of(study, self.clock.seconds()), log)
 
     def spend_exhausted(self, running: int = 0) -> str | None:
         """The budget limit the search has reached, its `running` trials counted at the mean cost of the
@@ -86,7 +88,7 @@ class Progress(DriverSide, tune.Callback):
         reached = exhausted(self.config, spend_of(self.study, self.clock.seconds()).committed(running))
         if reached is not None and self.budget_reached is None:
             self.budget_reached = reached
-            self.log(
+            self.console.say(
                 f"{self.config.name}: budget of {reached} reached, counting the trials still running; "
                 "no new trial starts"
             )
@@ -96,11 +98,13 @@ class Progress(DriverSide, tune.Callback):
         self.done += 1
         self.clock.record()
         volume = hypervolume(study_points(self.study), self.config.objectives)
-        spend = format_spend(self.config, spend_of(self.study, self.clock.seconds()))
-        self.log(
+        spend = spend_of(self.study, self.clock.seconds())
+        line = (
             f"[{self.done}/{self.config.trials}] {what} | failed {self.failed}"
-            f"{f' | pruned {self.pruned}' if self.pruned else ''} | hypervolume {volume:.4f} | {spend}"
+            f"{f' | pruned {self.pruned}' if self.pruned else ''} | hypervolume {volume:.4f} | "
+            f"{format_spend(self.config, spend)}"
         )
+        self.console.trial_finished(line, self.done, self.pruned, self.failed, spend, volume)
         if self.on_finished is not None:
             self.on_finished()
 
@@ -188,7 +192,9 @@ def worker_pool(config: SearchConfig) -> Iterator[list]:
             address=address,
             num_cpus=max(os.cpu_count() or 1, needed) if address == "local" else None,
             include_dashboard=False,
-            log_to_driver=False,
+            # The workers' output (vLLM's engine logs, prefixed `(TrialWorker pid=...)`) only with --verbose: a
+            # worker's error reaches the console as its trial's failure.
+            log_to_driver=libraries_verbose(),
             configure_logging=False,
         )
     workers = start_workers(config)
@@ -288,10 +294,12 @@ def run_search(
             storage_path=str(search_folder(config) / "ray"),
             callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            verbose=0,
+            # Tune's experiment box and status tables only with --verbose: the search's own bar says it.
+            verbose=1 if libraries_verbose() else 0,
         ),
     )
-    tuner.fit()
+    with progress.console.showing():
+        tuner.fit()
     stats = [worker_stats(worker, limit_s=config.evaluation.trial_timeout_s or 3600.0) for worker in workers]
     (search_folder(config) / "workers.json").write_text(json.dumps(stats, indent=2))
     return optuna.load_study(study_name=config.name, storage=rdb_storage(config.storage))

@@ -19,6 +19,7 @@ from safemerge.search.config import SearchConfig
 from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
 from safemerge.search.lease import DriverLease
 from safemerge.search.pareto import hypervolume_history
+from safemerge.search.progress import mlflow_location
 from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots
 
 SUMMARY = "pareto.json"
@@ -34,7 +35,7 @@ def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: 
         if lease.took_stale:
             log(f"{config.name}: the driver that held this search (pid {lease.took_stale.get('pid')}) is gone")
         tracker = Tracker(config, log)
-        log(f"MLflow parent run: {tracker.run_url}")
+        log(f"MLflow parent run: {mlflow_location(config, tracker.run_url)}")
         try:
             with worker_pool(config) as workers:
                 study = run_search(config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)

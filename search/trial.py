@@ -31,6 +31,7 @@ from safemerge.merges.engine import MergeEngine
 from safemerge.merges.recipe import Recipe, parse_recipe, to_mergekit_yaml
 from safemerge.search.config import BASE_ROLE, SearchConfig
 from safemerge.search.plan import check_plan, plan_worker
+from safemerge.search.progress import worker_env
 from safemerge.search.trainable import recipe_key
 
 # What a worker adds to the evaluator's metrics of a trial: which worker, how long, and the share of the split
@@ -258,8 +259,16 @@ def start_workers(config: SearchConfig) -> list:
     workers = config.workers
     # Restarted by Ray whenever its process dies (the trainable re-runs the interrupted trial); a call in flight
     # is not retried by Ray, as only the trainable knows whether the fault was the worker's or the recipe's.
+    # vLLM's info lines off in the workers unless --verbose (search/progress.py); a cluster's workers do not
+    # inherit the driver's environment, so it travels in the actors' runtime environment.
+    quiet = worker_env()
     actor = RemoteTrialWorker.options(
-        num_cpus=workers.cpus, num_gpus=workers.gpus, max_concurrency=1, max_restarts=-1, max_task_retries=0
+        num_cpus=workers.cpus,
+        num_gpus=workers.gpus,
+        max_concurrency=1,
+        max_restarts=-1,
+        max_task_retries=0,
+        runtime_env={"env_vars": quiet} if quiet else None,
     )
     handles = [actor.remote(config.model_dump(mode="json"), index) for index in range(worker_count(config))]
     ray.get([handle.num_layers.remote() for handle in handles])  # wait until every engine is up

@@ -30,6 +30,20 @@ REPO = Path(__file__).resolve().parents[1]
 SAFEMERGE = str(Path(sys.executable).parent / "safemerge")
 
 
+# What the libraries printed on a search's console before it was quieted (search/progress.py).
+BANNERS = (
+    "Configuration for experiment",
+    "tensorboard",
+    "Token authentication",
+    "[I 20",
+    "ExperimentalWarning",
+    "View run",
+    "View experiment",
+    " INFO ",
+    "Downloading artifacts",
+)
+
+
 def zoo_config(**overrides) -> SearchConfig:
     return load_config(REPO / "configs" / "zoo.yaml", overrides)
 
@@ -202,6 +216,15 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[5/5]" in result.stdout and "failed 1" in result.stdout
+    # Off a terminal, one line per finished trial and none of the libraries' banners (all seen here before
+    # search/progress.py quieted them): Ray Tune's experiment box and TensorBoard hint, Ray's token notice, Optuna's
+    # info lines and experimental warning, MLflow's run links, INFO lines and download bars.
+    console = result.stdout + result.stderr
+    assert [line.split("]")[0] for line in result.stdout.splitlines() if line.startswith("[")] == [
+        f"[{done}/5" for done in range(1, 6)
+    ], console[-3000:]
+    for banner in BANNERS:
+        assert banner not in console, (banner, console[-3000:])
     study = optuna.load_study(study_name=name, storage=storage)
     states = [trial.state for trial in study.trials]
     assert len(states) == 5
@@ -271,6 +294,8 @@ def test_a_search_over_the_safety_aware_and_new_methods_runs_end_to_end(tmp_path
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # A sqlite store: the command that serves it, with its absolute path, instead of a path with a URL fragment.
+    assert f"`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}`" in result.stdout, result.stdout
     study = optuna.load_study(study_name=name, storage=storage)
     assert [trial.params["method"] for trial in study.trials] == methods
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
