@@ -12,6 +12,7 @@ import ray
 from safemerge.evaluators.directions import interval_metrics
 from safemerge.search.config import ObjectivesConfig, SearchConfig
 from safemerge.search.driver import front_of, run_search, study_points, worker_pool
+from safemerge.search.progress import mlflow_location
 from safemerge.search.run import finalize_search, format_front
 from safemerge.search.space import standard_recipe
 from safemerge.search.tracking import Tracker
@@ -107,7 +108,8 @@ def compare(
         ]
         for label, search_config, choose in searches:
             tracker = Tracker(search_config)
-            log(f"compare: {label}: {search_config.trials} trials ({search_config.sampler}); MLflow {tracker.run_url}")
+            where = mlflow_location(search_config, tracker.run_url)
+            log(f"compare: {label}: {search_config.trials} trials ({search_config.sampler}); MLflow {where}")
             study = run_search(search_config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)
             if search_config is config:
                 log(format_front(finalize_search(config, study, workers, tracker, log)))

@@ -308,7 +308,8 @@ class Tracker:
                 task="text-generation",
                 pip_requirements=["transformers", "torch", "safetensors", "accelerate"],
             )
-        return mlflow.register_model(info.model_uri, self.registered_model_name, tags=self._version_tags(number, True))
+        # Through the client rather than mlflow.register_model, which prints two lines per version on the console.
+        return self._create_version(info.model_uri, run_id, self._version_tags(number, True), model_id=info.model_id)
 
     def _register_recipe(self, entry: dict, run_id: str, summary: dict, artifacts: Path):
         """Log the entry's recipe (mergekit YAML, the recipe, the input models, the dev and test metrics) under
@@ -318,14 +319,16 @@ class Tracker:
             write_recipe_folder(entry, summary, artifacts / "recipes" / f"trial-{entry['trial']}.yaml", folder)
             self.client.log_artifacts(run_id, str(folder), RECIPE_FOLDER)
         source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{RECIPE_FOLDER}"
+        return self._create_version(source, run_id, self._version_tags(entry["trial"], False))
+
+    def _create_version(self, source: str, run_id: str, tags: dict[str, str], model_id: str | None = None):
+        """A new version of the search's registered model (created first if need be) from `source`."""
         name = self.registered_model_name
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(name)
-        return self.client.create_model_version(
-            name, source, run_id=run_id, tags=self._version_tags(entry["trial"], False)
-        )
+        return self.client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model_id)
 
     def register_pick(self, summary: dict, entry: dict, alias: str, artifacts: Path) -> bool:
         """A version with weights for a picked front entry (its `model_dir` materialized), the alias set on it and
