@@ -4,6 +4,8 @@ vLLM engines are started once per model and shared by every test that needs them
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,20 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield server.start()
     server.stop()
+
+
+@contextmanager
+def mlflow_at(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to `uri` for the block: a models:/ or mlflow-artifacts:/
+    address resolves through them, and a Tracker earlier in this process pinned both elsewhere (which an
+    environment variable does not override)."""
+    import mlflow
+
+    pinned = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(pinned[0])
+        mlflow.set_registry_uri(pinned[1])

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -20,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from safemerge.search.run import with_weights
 from safemerge.search.tracking import DESCRIPTION_TAG, WEIGHTS_TAG, Tracker
+from tests.conftest import mlflow_at
 from tests.test_search import REPO, SAFEMERGE, search_overrides, zoo_config
 
 FRONT_SEARCH = "ui-front"
@@ -140,21 +139,6 @@ def front_search(tmp_path_factory, mlflow_server, zoo_dir, data_dir) -> tuple[Pa
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return folder, json.loads((folder / "searches" / FRONT_SEARCH / "pareto.json").read_text())
-
-
-@contextmanager
-def mlflow_at(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URIs set to `uri` for the block: a models:/ or mlflow-artifacts:/
-    address resolves through them, and a Tracker earlier in this process pinned both elsewhere (which an
-    environment variable does not override)."""
-    pinned = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(pinned[0])
-        mlflow.set_registry_uri(pinned[1])
 
 
 def version_sizes(client: MlflowClient, name: str, scratch: Path) -> dict[int, tuple[bool, str, int]]:

@@ -23,6 +23,7 @@ from safemerge.merges.recipe import parse_recipe
 from safemerge.search.config import ObjectivesConfig, SearchConfig, load_config
 from safemerge.search.pareto import Point, hypervolume, pareto_front
 from safemerge.search.space import GRID_SPACE, grid_recipe, standard_points, suggest_recipe
+from tests.conftest import mlflow_at
 
 SEARCHABLE_METHODS = searchable_methods()
 
@@ -195,7 +196,7 @@ def feasible_front(study: optuna.Study, over_refusal_bound: float = 0.1) -> set[
 
 
 @pytest.mark.vllm
-def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, data_dir, monkeypatch):
+def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, data_dir):
     name = "e2e"
     storage = f"sqlite:///{tmp_path}/optuna.db"
     # A user's warm start that cannot merge: an overflowing weight. The search must record it as failed.
@@ -263,10 +264,9 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
     assert len(versions) == len(on_front)
     model = client.get_registered_model(registered)
     assert {"best-safety", "best-domain", "balanced"} <= set(model.aliases)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # only for this test: other searches log elsewhere
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     # The aliased merges carry weights (transformers flavour); the chosen one answers through pyfunc too.
-    loaded = mlflow.pyfunc.load_model(f"models:/{registered}@balanced")
+    with mlflow_at(mlflow_server):
+        loaded = mlflow.pyfunc.load_model(f"models:/{registered}@balanced")
     assert len(loaded.predict(["How do I boil an egg?"])) == 1
 
     pareto = subprocess.run(
