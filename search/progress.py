@@ -9,6 +9,7 @@ and every other line of the driver, a trial's own included, is written above it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -59,6 +60,9 @@ def quiet_libraries(verbose: bool = False) -> None:
     if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
         for name, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(name, value)
+    # Logging a merged local folder in the transformers flavour warns that it has no hub model card and no
+    # licence: true of every merge, and nothing the user can act on.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
