@@ -69,8 +69,9 @@ def evaluate_on_free_worker(
     # A worker restarting longer than this (engines loading) is taken out of the pool.
     restart_limit_s = timeout_s or 3600.0
     # A trial queued behind a running one (the driver runs two trials per worker, so that no worker
-    # waits for Tune between trials) may wait for that trial's whole evaluation and a restart of its worker.
-    free_wait_s = 2 * restart_limit_s
+    # waits for Tune between trials) may wait for that trial's whole evaluation and a restart of its worker, which
+    # on a loaded machine takes about as long again (CI: a 60 s hang plus a restart outlasted 120 s).
+    free_wait_s = 3 * restart_limit_s
     while True:
         try:
             index = free_workers.get(block=True, timeout=free_wait_s)
