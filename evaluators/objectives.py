@@ -151,10 +151,7 @@ def load_eval_set(
         },
         harmful_strata=_strata(harmful, "category"),
         benign_strata=_strata(benign, "category"),
-        tasks={
-            name: TaskDocuments(task, task.documents(split)[:limit] if limit else task.documents(split))
-            for name, task in tasks.items()
-        },
+        tasks={name: TaskDocuments(task, task.documents(split)[: limit or None]) for name, task in tasks.items()},
     )
 
 
