@@ -300,9 +300,14 @@ def run_search(
     )
     with progress.console.showing():
         tuner.fit()
-    stats = [worker_stats(worker, limit_s=2 * (config.evaluation.trial_timeout_s or 3600.0)) for worker in workers]
+    stats = [worker_stats(worker, limit_s=worker_patience_s(config)) for worker in workers]
     (search_folder(config) / "workers.json").write_text(json.dumps(stats, indent=2))
     return optuna.load_study(study_name=config.name, storage=rdb_storage(config.storage))
+
+
+def worker_patience_s(config: SearchConfig) -> float:
+    """How long the search's end waits for a worker a fault restarted: a trial's timeout and its restart."""
+    return 2 * (config.evaluation.trial_timeout_s or 3600.0)
 
 
 def worker_stats(worker, limit_s: float) -> dict:

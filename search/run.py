@@ -10,17 +10,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import ray
 
 from safemerge.errors import UserError
 from safemerge.files import atomic_output_dir, write_json_atomic
 from safemerge.search.budget import recorded_seconds, spend_of
 from safemerge.search.config import SearchConfig
-from safemerge.search.driver import front_of, open_storage, run_search, search_folder, study_points, worker_pool
+from safemerge.search.driver import (
+    front_of,
+    open_storage,
+    run_search,
+    search_folder,
+    study_points,
+    worker_patience_s,
+    worker_pool,
+)
 from safemerge.search.lease import DriverLease
 from safemerge.search.pareto import hypervolume_history
 from safemerge.search.progress import mlflow_location
 from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots
+from safemerge.search.trainable import ask_workers
 
 SUMMARY = "pareto.json"
 ARTIFACTS = "mlflow-artifacts"  # the parent run's artifacts, kept until MLflow has them
@@ -64,6 +72,11 @@ def finalize_search(
     failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     log(f"{config.name}: {len(points)} trials completed, {failed} failed, {len(front)} on the feasible Pareto front")
     folder = search_folder(config)
+
+    # A call to a worker a fault hit in the last trial waits for its restart; a hung one is ended as trials do.
+    def ask(calls: list[tuple[str, tuple]]) -> list:
+        return ask_workers(workers, calls, config.evaluation.trial_timeout_s, worker_patience_s(config))
+
     history = hypervolume_history(points, config.objectives)
     recipes = {p.number: study.trials[p.number].user_attrs["recipe"] for p in front}
     with atomic_output_dir(folder / ARTIFACTS, force=True) as artifacts:
@@ -83,11 +96,11 @@ def finalize_search(
             artifacts,
             {p.number: study.trials[p.number].user_attrs["recipe"]["merge_method"] for p in points},
         )
-        table, similarity_metrics = ray.get(workers[0].similarity.remote(config.layer_groups))
+        [(table, similarity_metrics)] = ask([("similarity", (config.layer_groups,))])
         (artifacts / "similarity.txt").write_text(table + "\n")
         (artifacts / "recipes").mkdir()
         numbers = list(recipes)
-        texts = ray.get([workers[i % len(workers)].mergekit_yaml.remote(recipes[n]) for i, n in enumerate(numbers)])
+        texts = ask([("mergekit_yaml", (recipes[n],)) for n in numbers])
         for number, text in zip(numbers, texts, strict=True):
             (artifacts / "recipes" / f"trial-{number}.yaml").write_text(text)
 
@@ -98,9 +111,7 @@ def finalize_search(
     }
     # Test split, in parallel over the workers: the search never saw it.
     untested = [p for p in front if p.number not in earlier]
-    tested = ray.get(
-        [workers[i % len(workers)].evaluate.remote(recipes[p.number], "test") for i, p in enumerate(untested)]
-    )
+    tested = ask([("evaluate", (recipes[p.number], "test")) for p in untested])
     test_metrics = {number: entry["test"] for number, entry in earlier.items()}
     test_metrics.update({p.number: metrics for p, metrics in zip(untested, tested, strict=True)})
     aliases = choose_aliases(front, config.objectives)
@@ -112,9 +123,8 @@ def finalize_search(
         weights = with_weights(config, aliases.get(point.number, []) or picked) or bool(previous.get("weights"))
         model_dir = previous.get("model_dir")
         if weights and not (model_dir and Path(model_dir).is_dir()):
-            model_dir = ray.get(
-                workers[0].save.remote(recipes[point.number], str(folder / "models" / f"trial-{point.number}"))
-            )
+            out_dir = str(folder / "models" / f"trial-{point.number}")
+            [model_dir] = ask([("save", (recipes[point.number], out_dir))])
         entries.append(
             {
                 "trial": point.number,

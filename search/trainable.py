@@ -38,12 +38,47 @@ def wait_until_up(worker, limit_s: float) -> bool:
     return False
 
 
+def ask_workers(workers: list, calls: list[tuple[str, tuple]], timeout_s: float | None, limit_s: float) -> list:
+    """The results of `calls` ((method name, arguments), dealt round the workers) once each has answered. A call
+    interrupted by its worker's fault (dead, restarting, or hung past `timeout_s`, then ended) is asked again of
+    that worker once it serves, else of the next one, for up to `limit_s` in all: the search's end must not fail
+    on a worker a fault hit in its last trial. The calls must be safe to repeat (they may or may not have run).
+    An error of the call's own is raised."""
+    deadline = time.monotonic() + limit_s
+    results: list = [None] * len(calls)
+    pending = {index: index % len(workers) for index in range(len(calls))}
+    faults: list[str] = []
+    while pending:
+        refs = {
+            index: getattr(workers[worker], calls[index][0]).remote(*calls[index][1])
+            for index, worker in pending.items()
+        }
+        interrupted: dict[int, int] = {}
+        for index, ref in refs.items():
+            answer = await_evaluation(ref, workers, pending[index], faults, timeout_s)
+            if answer is None:
+                interrupted[index] = pending[index]
+            else:
+                results[index] = answer
+        if interrupted and time.monotonic() >= deadline:
+            raise WorkerFaults(
+                f"the workers did not answer {len(interrupted)} call(s) within {limit_s:g} s ({'; '.join(faults)}); "
+                "finalize again with `safemerge search resume NAME` once they serve"
+            )
+        for index, worker in interrupted.items():
+            # The same worker once it serves again, else the next one round.
+            if not wait_until_up(workers[worker], max(1.0, deadline - time.monotonic())):
+                interrupted[index] = (worker + 1) % len(workers)
+        pending = interrupted
+    return results
+
+
 def await_evaluation(
     evaluation, workers: list, index: int, faults: list[str], timeout_s: float | None
 ) -> dict[str, float] | None:
-    """The metrics of worker `index`'s `evaluation` (an ObjectRef); None when the worker died or hung, recorded in
-    `faults` (a hung one is ended: as a restartable actor it comes back with fresh engines). An error of the
-    recipe's own is raised."""
+    """The result of worker `index`'s `evaluation` (an ObjectRef; never None itself); None when the worker died or
+    hung, recorded in `faults` (a hung one is ended: as a restartable actor it comes back with fresh engines). An
+    error of the recipe's own is raised."""
     try:
         return ray.get(evaluation, timeout=timeout_s)
     except GetTimeoutError:

@@ -1,17 +1,22 @@
 """Faults injected for real into a running search: a worker's process SIGKILLed mid-trial, a worker's process
 stopped (SIGSTOP) so its evaluation hangs. Ray restarts the actor, the interrupted trial runs again within its own
-Tune trial, and the search ends with its whole budget COMPLETE and nothing FAILED."""
+Tune trial, and the search ends with its whole budget COMPLETE and nothing FAILED. The search's end asks its
+workers again after such faults (`ask_workers`), shown on small actors killed and stopped for real."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import threading
 import time
 
 import optuna
 import psutil
 import pytest
+import ray
 
+from safemerge.search.trainable import WorkerFaults, ask_workers
 from tests.driving import SearchDriver
 from tests.test_search import REPO, SAFEMERGE, search_overrides
 
@@ -92,3 +97,52 @@ def test_a_hung_worker_times_out_is_restarted_and_its_trial_run_again(tmp_path, 
     assert gone(victim)  # ended after the timeout, not left stopped
     assert_whole_budget_complete(study, output)
     assert "(re-run after 1 worker fault)" in output, output[-2000:]
+
+
+class Echo:
+    """A worker actor's stand-in: answers with its process id, after `seconds`."""
+
+    def num_layers(self) -> int:  # what `wait_until_up` asks
+        return 1
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def echo(self, value: str, seconds: float = 0.0) -> tuple[int, str]:
+        time.sleep(seconds)
+        return os.getpid(), value
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def signal_soon(pid: int, fault: signal.Signals, after_s: float = 1.0) -> None:
+    threading.Timer(after_s, os.kill, (pid, fault)).start()
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_the_searchs_end_asks_a_faulted_worker_again_once_it_serves(local_ray, fault):
+    worker = ray.remote(max_restarts=-1, max_task_retries=0)(Echo).remote()
+    first = psutil.Process(ray.get(worker.pid.remote()))
+    signal_soon(first.pid, fault)
+    # A 4 s call, interrupted after 1 s; a stopped worker is ended at the 8 s timeout, as a hung trial's is.
+    [(pid, value)] = ask_workers([worker], [("echo", ("front", 4.0))], timeout_s=8.0, limit_s=120.0)
+    assert value == "front"
+    assert pid != first.pid
+    assert gone(first)
+    ray.kill(worker)
+
+
+def test_a_call_to_a_worker_that_never_comes_back_goes_to_the_next_one(local_ray):
+    dead, alive = (ray.remote(max_restarts=0)(Echo).remote() for _ in range(2))
+    dead_pid, alive_pid = ray.get([dead.pid.remote(), alive.pid.remote()])
+    os.kill(dead_pid, signal.SIGKILL)
+    answers = ask_workers([dead, alive], [("echo", ("a",)), ("echo", ("b",))], timeout_s=None, limit_s=10.0)
+    assert answers == [(alive_pid, "a"), (alive_pid, "b")]
+    with pytest.raises(WorkerFaults, match="did not answer 1 call"):
+        ask_workers([dead], [("echo", ("c",))], timeout_s=None, limit_s=3.0)
+    ray.kill(alive)
