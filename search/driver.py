@@ -33,7 +33,14 @@ from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
-from safemerge.search.trainable import REPEAT_OF, run_trial, start_head_start, wait_until_up
+from safemerge.search.trainable import (
+    REPEAT_OF,
+    hung_after_s,
+    restart_limit_s,
+    run_trial,
+    start_head_start,
+    wait_until_up,
+)
 from safemerge.search.trial import trial_metric_names
 
 CONFIG_FILE = "config.yaml"
@@ -262,7 +269,7 @@ def run_search(
         config.evaluation.rungs[0],
         workers,
         free_workers,
-        restart_limit_s=config.evaluation.trial_timeout_s or 3600.0,
+        timeout_s=config.evaluation.trial_timeout_s,
     )
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -300,20 +307,16 @@ def run_search(
     )
     with progress.console.showing():
         tuner.fit()
-    stats = [worker_stats(worker, limit_s=worker_patience_s(config)) for worker in workers]
+    stats = [worker_stats(worker, config.evaluation.trial_timeout_s) for worker in workers]
     (search_folder(config) / "workers.json").write_text(json.dumps(stats, indent=2))
     return optuna.load_study(study_name=config.name, storage=rdb_storage(config.storage))
 
 
-def worker_patience_s(config: SearchConfig) -> float:
-    """How long the search's end waits for a worker a fault restarted: a trial's timeout and its restart."""
-    return 2 * (config.evaluation.trial_timeout_s or 3600.0)
-
-
-def worker_stats(worker, limit_s: float) -> dict:
+def worker_stats(worker, timeout_s: float | None) -> dict:
     """A worker's busy-time figures, once it serves: a worker that a fault restarted in the last trial (killed, or
     ended for hanging) is waited for, as finalize needs it next; one that does not come back is recorded so."""
-    if wait_until_up(worker, limit_s):
+    limit_s = restart_limit_s(timeout_s)
+    if wait_until_up(worker, limit_s, hung_after_s(timeout_s)):
         with contextlib.suppress(ray.exceptions.RayActorError):
             return ray.get(worker.stats.remote())
     return {"unavailable": f"the worker did not serve again within {limit_s:g} s"}

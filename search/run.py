@@ -21,14 +21,13 @@ from safemerge.search.driver import (
     run_search,
     search_folder,
     study_points,
-    worker_patience_s,
     worker_pool,
 )
 from safemerge.search.lease import DriverLease
 from safemerge.search.pareto import hypervolume_history
 from safemerge.search.progress import mlflow_location
 from safemerge.search.tracking import Tracker, choose_aliases, pareto_plots
-from safemerge.search.trainable import ask_workers
+from safemerge.search.trainable import ask_workers, restart_limit_s
 
 SUMMARY = "pareto.json"
 ARTIFACTS = "mlflow-artifacts"  # the parent run's artifacts, kept until MLflow has them
@@ -75,7 +74,8 @@ def finalize_search(
 
     # A call to a worker a fault hit in the last trial waits for its restart; a hung one is ended as trials do.
     def ask(calls: list[tuple[str, tuple]]) -> list:
-        return ask_workers(workers, calls, config.evaluation.trial_timeout_s, worker_patience_s(config))
+        timeout_s = config.evaluation.trial_timeout_s
+        return ask_workers(workers, calls, timeout_s, restart_limit_s(timeout_s))
 
     history = hypervolume_history(points, config.objectives)
     recipes = {p.number: study.trials[p.number].user_attrs["recipe"] for p in front}

@@ -24,18 +24,45 @@ class WorkerFaults(RuntimeError):
     """A trial's evaluation was interrupted by worker faults more times than the search allows."""
 
 
-def wait_until_up(worker, limit_s: float) -> bool:
-    """Whether a restarting worker actor is serving again within `limit_s` (calls to it fail meanwhile)."""
+# A worker's restart loads its engines: under a minute at zoo scale, minutes at real scale or on a loaded machine;
+# unrelated to how long a trial may take, which is all the wait allowed before.
+RESTART_ALLOWANCE_S = 600.0
+
+
+def hung_after_s(timeout_s: float | None) -> float:
+    """How long a worker may go without answering before it counts as hung: the trial timeout (an hour if none)."""
+    return timeout_s or 3600.0
+
+
+def restart_limit_s(timeout_s: float | None) -> float:
+    """How long a worker a fault hit is waited for: long enough to tell it hangs, then for its restart."""
+    return hung_after_s(timeout_s) + RESTART_ALLOWANCE_S
+
+
+def answers_within(worker, limit_s: float) -> bool:
+    """Whether a worker actor answers a call within `limit_s` (calls to a restarting one fail meanwhile)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         try:
             ray.get(worker.num_layers.remote(), timeout=max(1.0, deadline - time.monotonic()))
             return True
-        except RayActorError:  # still restarting
+        except RayActorError:  # restarting, or not reachable
             time.sleep(1.0)
         except GetTimeoutError:
             break
     return False
+
+
+def wait_until_up(worker, limit_s: float, hung_after_s: float | None = None) -> bool:
+    """Whether a worker actor a fault hit serves again within `limit_s`. One that has not answered for
+    `hung_after_s` (all of `limit_s` when None) is ended: its process is alive but does not serve (stopped,
+    deadlocked), which Ray does not count as a fault, so it would never restart by itself; as a restartable actor
+    it comes back with fresh engines, and is waited for the rest of `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    if answers_within(worker, min(hung_after_s or limit_s, limit_s)):
+        return True
+    ray.kill(worker, no_restart=False)
+    return answers_within(worker, deadline - time.monotonic())
 
 
 def ask_workers(workers: list, calls: list[tuple[str, tuple]], timeout_s: float | None, limit_s: float) -> list:
@@ -67,7 +94,7 @@ def ask_workers(workers: list, calls: list[tuple[str, tuple]], timeout_s: float 
             )
         for index, worker in interrupted.items():
             # The same worker once it serves again, else the next one round.
-            if not wait_until_up(workers[worker], max(1.0, deadline - time.monotonic())):
+            if not wait_until_up(workers[worker], max(1.0, deadline - time.monotonic()), hung_after_s(timeout_s)):
                 interrupted[index] = (worker + 1) % len(workers)
         pending = interrupted
     return results
@@ -84,8 +111,8 @@ def await_evaluation(
     except GetTimeoutError:
         ray.kill(workers[index], no_restart=False)
         faults.append(f"worker {index} timed out after {timeout_s:g} s")
-    except RayActorError as error:
-        faults.append(f"worker {index} died ({type(error).__name__})")
+    except RayActorError as error:  # dead, restarting, or (ActorUnavailableError) not answering
+        faults.append(f"worker {index} died or did not answer ({type(error).__name__})")
     return None
 
 
@@ -101,12 +128,11 @@ def evaluate_on_free_worker(
 ) -> dict:
     """Borrow a free worker, evaluate the recipe on the first `fidelity` of the dev split (again on a fault,
     appended to `faults`), and hand the worker back."""
-    # A worker restarting longer than this (engines loading) is taken out of the pool.
-    restart_limit_s = timeout_s or 3600.0
-    # A trial queued behind a running one (the driver runs two trials per worker, so that no worker
-    # waits for Tune between trials) may wait for that trial's whole evaluation and a restart of its worker, which
-    # on a loaded machine takes about as long again (CI: a 60 s hang plus a restart outlasted 120 s).
-    free_wait_s = 3 * restart_limit_s
+    # A worker that neither answers nor comes back from its restart within this is taken out of the pool.
+    restart_limit = restart_limit_s(timeout_s)
+    # A trial queued behind a running one (the driver runs two trials per worker, so that no worker waits for Tune
+    # between trials) may wait for that trial's whole evaluation and then its worker's restart.
+    free_wait_s = hung_after_s(timeout_s) + restart_limit
     while True:
         try:
             index = free_workers.get(block=True, timeout=free_wait_s)
@@ -120,7 +146,7 @@ def evaluate_on_free_worker(
             healthy = metrics is not None
         finally:
             # A worker goes back to the pool only once it serves: a dead one is never handed out.
-            if healthy or wait_until_up(workers[index], restart_limit_s):
+            if healthy or wait_until_up(workers[index], restart_limit, hung_after_s(timeout_s)):
                 free_workers.put(index)
         if metrics is not None:
             return metrics
@@ -143,7 +169,7 @@ def recipe_key(recipe: dict) -> str:
 
 
 def start_head_start(
-    recipes: list[dict], fidelity: float, workers: list, free_workers: Queue, restart_limit_s: float
+    recipes: list[dict], fidelity: float, workers: list, free_workers: Queue, timeout_s: float | None
 ) -> dict[str, tuple]:
     """Start the first rung of the warm-start trials now, before Tune is up, dealt round the workers (an actor runs
     its calls in turn): Tune's start costs seconds, and at zoo scale a search lasts tens of them, so the workers
@@ -161,7 +187,9 @@ def start_head_start(
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
-            if index not in pending.values() and wait_until_up(workers[index], restart_limit_s):
+            if index not in pending.values() and wait_until_up(
+                workers[index], restart_limit_s(timeout_s), hung_after_s(timeout_s)
+            ):
                 free_workers.put(index)
 
     threading.Thread(target=hand_back, name="head-start-hand-back", daemon=True).start()
@@ -192,7 +220,10 @@ def run_trial(
     head_start = (head_starts or {}).get(recipe_json)
     for rung, fidelity in enumerate(rungs):
         # A head start whose worker died or hung counts as a fault; the rung is then evaluated on a free worker.
-        metrics = await_evaluation(*head_start, workers, faults, timeout_s) if rung == 0 and head_start else None
+        metrics = None
+        if rung == 0 and head_start:
+            evaluation, index = head_start
+            metrics = await_evaluation(evaluation, workers, index, faults, timeout_s)
         if metrics is None:
             metrics = evaluate_on_free_worker(
                 trial_config["recipe"],

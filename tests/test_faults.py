@@ -1,7 +1,9 @@
 """Faults injected for real into a running search: a worker's process SIGKILLed mid-trial, a worker's process
 stopped (SIGSTOP) so its evaluation hangs. Ray restarts the actor, the interrupted trial runs again within its own
-Tune trial, and the search ends with its whole budget COMPLETE and nothing FAILED. The search's end asks its
-workers again after such faults (`ask_workers`), shown on small actors killed and stopped for real."""
+Tune trial, and the search ends with its whole budget COMPLETE and nothing FAILED. On small actors stopped or killed
+for real: the evaluations the driver starts before Tune (head starts) hang and their trials still complete; a worker
+that stops answering is ended and comes back; the search's end asks its workers again after such faults
+(`ask_workers`)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,15 @@ import optuna
 import psutil
 import pytest
 import ray
+from ray import tune
+from ray.util.queue import Queue
 
-from safemerge.search.trainable import WorkerFaults, ask_workers
+from safemerge.search.searcher import StudySearcher
+from safemerge.search.trainable import WorkerFaults, ask_workers, run_trial, start_head_start, wait_until_up
 from tests.driving import SearchDriver
+from tests.test_fidelity import fit, space
 from tests.test_search import REPO, SAFEMERGE, search_overrides
+from tests.unit.support import make_config
 
 BUDGET = 3
 
@@ -146,3 +153,56 @@ def test_a_call_to_a_worker_that_never_comes_back_goes_to_the_next_one(local_ray
     with pytest.raises(WorkerFaults, match="did not answer 1 call"):
         ask_workers([dead], [("echo", ("c",))], timeout_s=None, limit_s=3.0)
     ray.kill(alive)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class StoppableWorker:
+    """A worker actor's interface (search/trial.py) over a stand-in scoring (safety and domain both the recipe's
+    `x`), restartable as the search's workers are, whose process a test stops."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def num_layers(self) -> int:
+        return 2
+
+    def evaluate(self, recipe: dict, split: str, fidelity: float) -> dict:
+        time.sleep(1.0)
+        metrics = {name: recipe["x"] for name in ("safety", "domain")}
+        return {**metrics, "over_refusal": 0.0, "fidelity": fidelity}
+
+
+def test_head_started_evaluations_that_hang_are_ended_and_their_trials_run_again(local_ray, tmp_path):
+    config = make_config()
+    worker = StoppableWorker.remote()
+    first = psutil.Process(ray.get(worker.pid.remote()))
+    free_workers = Queue()
+    free_workers.put(0)
+    warm = [{"x": 0.3}, {"x": 0.6}]
+    study = optuna.create_study(directions=config.objectives.directions())
+    searcher = StudySearcher(
+        study, space, config.objectives, ["safety", "domain", "over_refusal", "worker_faults"], points_to_evaluate=warm
+    )
+    recipes = [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm]
+    head_starts = start_head_start(recipes, 1.0, [worker], free_workers, timeout_s=10.0)
+    first.send_signal(signal.SIGSTOP)  # both head starts, dealt to the one worker, hang
+    trainable = tune.with_parameters(
+        run_trial, workers=[worker], free_workers=free_workers, timeout_s=10.0, fault_retries=2, head_starts=head_starts
+    )
+    fit(trainable, searcher, tmp_path, trials=2, concurrent=2)
+
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.user_attrs["metrics"]["safety"] for t in study.trials] == [0.3, 0.6]
+    assert all(t.user_attrs["metrics"]["worker_faults"] >= 1 for t in study.trials)  # each head start was lost
+    assert gone(first)
+    ray.kill(worker)
+
+
+def test_a_worker_that_stops_answering_is_ended_and_comes_back(local_ray):
+    worker = ray.remote(max_restarts=-1, max_task_retries=0)(Echo).remote()
+    first = psutil.Process(ray.get(worker.pid.remote()))
+    first.send_signal(signal.SIGSTOP)  # alive to Ray, which counts no fault in it
+    assert wait_until_up(worker, limit_s=120.0, hung_after_s=5.0)
+    assert ray.get(worker.pid.remote()) != first.pid
+    assert gone(first)
+    ray.kill(worker)
