@@ -33,14 +33,7 @@ from safemerge.search.samplers import make_sampler
 from safemerge.search.searcher import DriverSide, StudySearcher
 from safemerge.search.secrets import STORAGE_PASSWORD_ENV, rdb_storage
 from safemerge.search.space import grid_recipe, standard_points, suggest_recipe
-from safemerge.search.trainable import (
-    REPEAT_OF,
-    hung_after_s,
-    restart_limit_s,
-    run_trial,
-    start_head_start,
-    wait_until_up,
-)
+from safemerge.search.trainable import REPEAT_OF, restart_limit_s, run_trial, serves_again, start_head_start
 from safemerge.search.trial import trial_metric_names
 
 CONFIG_FILE = "config.yaml"
@@ -315,11 +308,10 @@ def run_search(
 def worker_stats(worker, timeout_s: float | None) -> dict:
     """A worker's busy-time figures, once it serves: a worker that a fault restarted in the last trial (killed, or
     ended for hanging) is waited for, as finalize needs it next; one that does not come back is recorded so."""
-    limit_s = restart_limit_s(timeout_s)
-    if wait_until_up(worker, limit_s, hung_after_s(timeout_s)):
+    if serves_again(worker, timeout_s):
         with contextlib.suppress(ray.exceptions.RayActorError):
             return ray.get(worker.stats.remote())
-    return {"unavailable": f"the worker did not serve again within {limit_s:g} s"}
+    return {"unavailable": f"the worker did not serve again within {restart_limit_s(timeout_s):g} s"}
 
 
 def load_search_config(

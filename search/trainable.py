@@ -53,16 +53,21 @@ def answers_within(worker, limit_s: float) -> bool:
     return False
 
 
-def wait_until_up(worker, limit_s: float, hung_after_s: float | None = None) -> bool:
+def wait_until_up(worker, limit_s: float, silent_limit_s: float | None = None) -> bool:
     """Whether a worker actor a fault hit serves again within `limit_s`. One that has not answered for
-    `hung_after_s` (all of `limit_s` when None) is ended: its process is alive but does not serve (stopped,
+    `silent_limit_s` (all of `limit_s` when None) is ended: its process is alive but does not serve (stopped,
     deadlocked), which Ray does not count as a fault, so it would never restart by itself; as a restartable actor
     it comes back with fresh engines, and is waited for the rest of `limit_s`."""
     deadline = time.monotonic() + limit_s
-    if answers_within(worker, min(hung_after_s or limit_s, limit_s)):
+    if answers_within(worker, min(silent_limit_s or limit_s, limit_s)):
         return True
     ray.kill(worker, no_restart=False)
     return answers_within(worker, deadline - time.monotonic())
+
+
+def serves_again(worker, timeout_s: float | None) -> bool:
+    """`wait_until_up` by a trial timeout's rules: ended once silent for the timeout, then given its restart."""
+    return wait_until_up(worker, restart_limit_s(timeout_s), hung_after_s(timeout_s))
 
 
 def ask_workers(workers: list, calls: list[tuple[str, tuple]], timeout_s: float | None, limit_s: float) -> list:
@@ -128,11 +133,9 @@ def evaluate_on_free_worker(
 ) -> dict:
     """Borrow a free worker, evaluate the recipe on the first `fidelity` of the dev split (again on a fault,
     appended to `faults`), and hand the worker back."""
-    # A worker that neither answers nor comes back from its restart within this is taken out of the pool.
-    restart_limit = restart_limit_s(timeout_s)
     # A trial queued behind a running one (the driver runs two trials per worker, so that no worker waits for Tune
     # between trials) may wait for that trial's whole evaluation and then its worker's restart.
-    free_wait_s = hung_after_s(timeout_s) + restart_limit
+    free_wait_s = hung_after_s(timeout_s) + restart_limit_s(timeout_s)
     while True:
         try:
             index = free_workers.get(block=True, timeout=free_wait_s)
@@ -145,8 +148,9 @@ def evaluate_on_free_worker(
             )
             healthy = metrics is not None
         finally:
-            # A worker goes back to the pool only once it serves: a dead one is never handed out.
-            if healthy or wait_until_up(workers[index], restart_limit, hung_after_s(timeout_s)):
+            # A worker goes back to the pool only once it serves: a dead one, or one that does not come back from
+            # its restart in time, is never handed out.
+            if healthy or serves_again(workers[index], timeout_s):
                 free_workers.put(index)
         if metrics is not None:
             return metrics
@@ -187,9 +191,7 @@ def start_head_start(
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
-            if index not in pending.values() and wait_until_up(
-                workers[index], restart_limit_s(timeout_s), hung_after_s(timeout_s)
-            ):
+            if index not in pending.values() and serves_again(workers[index], timeout_s):
                 free_workers.put(index)
 
     threading.Thread(target=hand_back, name="head-start-hand-back", daemon=True).start()

@@ -202,7 +202,7 @@ def test_a_worker_that_stops_answering_is_ended_and_comes_back(local_ray):
     worker = ray.remote(max_restarts=-1, max_task_retries=0)(Echo).remote()
     first = psutil.Process(ray.get(worker.pid.remote()))
     first.send_signal(signal.SIGSTOP)  # alive to Ray, which counts no fault in it
-    assert wait_until_up(worker, limit_s=120.0, hung_after_s=5.0)
+    assert wait_until_up(worker, limit_s=120.0, silent_limit_s=5.0)
     assert ray.get(worker.pid.remote()) != first.pid
     assert gone(first)
     ray.kill(worker)
