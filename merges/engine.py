@@ -27,7 +27,7 @@ from safemerge.merges.methods import (
     chunked_dot,
     chunked_l1,
 )
-from safemerge.merges.methods.inputs import chunk_gram_along, cpu_pool
+from safemerge.merges.methods.inputs import chunk_gram_along
 from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
 from safemerge.merges.recipe import Recipe, check_recipe, layer_index, layer_position, lowered, resolve_parameter
 
@@ -583,75 +583,33 @@ def unpack_mask(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.view(-1).copy_(bits).view(out.shape)
 
 
-RANDOM_CHUNK = 1 << 20
-
-
 def _seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-
-
-def _block_generator(key: str, block: int, skip_draws: int) -> np.random.Generator:
-    """The generator of the RANDOM_CHUNK block at flat offset `block` (seeded by key and offset, so no block depends
-    on another), advanced past its first `skip_draws` 64-bit draws."""
-    bits = np.random.PCG64(_seed(f"{key}/{block}"))
-    if skip_draws:
-        bits.advance(skip_draws)
-    return np.random.Generator(bits)
-
-
-def _in_blocks(start: int, size: int, fill: Callable[[int, int, int], None]) -> None:
-    """Call fill(block, first, last) for each RANDOM_CHUNK block that the tensor range [start, start + size)
-    overlaps, with [first, last) the overlap in tensor offsets; on several threads when there is more than one."""
-    pieces = []
-    for block in range(start - start % RANDOM_CHUNK, start + size, RANDOM_CHUNK):
-        pieces.append((block, max(block, start), min(block + RANDOM_CHUNK, start + size)))
-    if len(pieces) == 1:
-        fill(*pieces[0])
-    else:
-        list(cpu_pool.map(lambda piece: fill(*piece), pieces))
 
 
 def fill_uniform(buffer: torch.Tensor, key: str, start: int = 0) -> torch.Tensor:
     """Fill `buffer` with U[0, 1) seeded by `key`, as elements [start, start + numel) of one stream per tensor: the
     same key gives the same numbers whatever the chunking and the order of tensors.
 
-    On the CPU, numpy's PCG64 fills fixed blocks of RANDOM_CHUNK elements (each seeded by key and offset) on
-    several threads, as torch's CPU generator is serial and slower; a chunk starting inside a block advances that
-    block's generator to it. Each float32 takes 32 bits, two per 64-bit draw, low half first."""
+    On the CPU each element is a hash of (key, its offset) (merges/cpu_kernels.py: one compiled pass on the pool's
+    threads, where torch's CPU generator is serial), so a chunk anywhere in the tensor is drawn directly; on a GPU
+    torch's generator, seeded by key and offset."""
     if buffer.device.type != "cpu":
         generator = torch.Generator(device=buffer.device).manual_seed(_seed(f"{key}@{start}" if start else key))
         return buffer.uniform_(generator=generator)
-    flat = buffer.view(-1).numpy()
+    from safemerge.merges import cpu_kernels
 
-    def fill(block: int, first: int, last: int) -> None:
-        skip = first - block
-        generator = _block_generator(key, block, skip // 2)
-        if skip % 2:
-            generator.random(1, dtype=np.float32)  # the low half of the shared draw belongs to the element before
-        generator.random(dtype=np.float32, out=flat[first - start : last - start])
-
-    _in_blocks(start, flat.size, fill)
+    cpu_kernels.uniform(buffer.view(-1).numpy(), _seed(key), start)
     return buffer
 
 
 def keep_mask(buffer: torch.Tensor, probability: float, key: str, start: int = 0) -> torch.Tensor:
-    """Fill `buffer` with 1.0 where an element is kept (probability `probability`), else 0.0, seeded by `key`, as
-    elements [start, start + numel) of the tensor's stream.
-
-    On the CPU each element takes 16 random bits (raw PCG64 output, 4 elements per draw), so the probability is
-    exact to 1/65536; that is the cheapest Bernoulli draw here, and DARE's per-trial cost is mostly this draw."""
+    """Fill `buffer` with 1.0 where an element is kept (probability `probability`, exact to 2**-24), else 0.0,
+    seeded by `key`, as elements [start, start + numel) of the tensor's stream: kept where fill_uniform's draw is
+    below `probability`, in one pass that writes only the mask (DARE's per-trial cost is mostly this draw)."""
     if buffer.device.type != "cpu":
         return torch.lt(fill_uniform(buffer, key, start), probability, out=buffer)
-    threshold = min(32767, max(-32768, round(probability * 65536) - 32768))  # int16 draw < threshold: kept
-    flat = buffer.view(-1)
+    from safemerge.merges import cpu_kernels
 
-    def fill(block: int, first: int, last: int) -> None:
-        skip = first - block
-        chunk = flat[first - start : last - start]
-        offset = skip % 4
-        bits = _block_generator(key, block, skip // 4).bit_generator.random_raw((offset + chunk.numel() + 3) // 4)
-        draws = torch.from_numpy(bits.view(np.int16)[offset : offset + chunk.numel()])
-        chunk.copy_(draws < threshold)
-
-    _in_blocks(start, flat.numel(), fill)
+    cpu_kernels.keep(buffer.view(-1).numpy(), probability, _seed(key), start)
     return buffer

@@ -116,6 +116,18 @@ def test_random_streams_do_not_depend_on_where_a_chunk_starts(draw):
         assert torch.equal(part, whole[start : start + part.numel()]), start
 
 
+def test_random_draws_are_uniform_and_a_mask_keeps_where_its_draw_is_below_the_probability():
+    draws = fill_uniform(torch.empty(1_000_003), "seed/tensor/model", start=12_345)
+    expected = draws.numel() / 16
+    chi_square = float(((torch.histc(draws, bins=16, min=0, max=1) - expected) ** 2 / expected).sum())
+    assert chi_square < 45, chi_square  # 15 degrees of freedom: a fair draw exceeds 45 with p < 1e-4
+    assert float(draws.min()) >= 0 and float(draws.max()) < 1
+    for probability in (0.3, 0.5, 0.9):
+        mask = keep_mask(torch.empty(1_000_003), probability, "seed/tensor/model", start=12_345)
+        assert torch.equal(mask, (draws < probability).float()), probability
+    assert not torch.equal(draws, fill_uniform(torch.empty(1_000_003), "seed/tensor/other", start=12_345))
+
+
 def test_chunks_are_blocks_of_whole_rows():
     assert chunk_ranges((10, 4), chunk_elements=12) == [(0, 12), (12, 24), (24, 36), (36, 40)]
     assert chunk_ranges((10, 4), chunk_elements=3) == [(start, start + 4) for start in range(0, 40, 4)]
