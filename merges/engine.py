@@ -26,6 +26,7 @@ from safemerge.merges.methods import (
     TensorInputs,
     chunked_dot,
     chunked_l1,
+    cpu_kernels,
 )
 from safemerge.merges.methods.inputs import chunk_gram_along
 from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
@@ -591,14 +592,12 @@ def fill_uniform(buffer: torch.Tensor, key: str, start: int = 0) -> torch.Tensor
     """Fill `buffer` with U[0, 1) seeded by `key`, as elements [start, start + numel) of one stream per tensor: the
     same key gives the same numbers whatever the chunking and the order of tensors.
 
-    On the CPU each element is a hash of (key, its offset) (merges/cpu_kernels.py: one compiled pass on the pool's
-    threads, where torch's CPU generator is serial), so a chunk anywhere in the tensor is drawn directly; on a GPU
-    torch's generator, seeded by key and offset."""
+    On the CPU each element is a hash of (key, its offset) (merges/methods/cpu_kernels.py: one compiled pass on
+    the pool's threads, where torch's CPU generator is serial), so a chunk anywhere in the tensor is drawn
+    directly; on a GPU torch's generator, seeded by key and offset."""
     if buffer.device.type != "cpu":
         generator = torch.Generator(device=buffer.device).manual_seed(_seed(f"{key}@{start}" if start else key))
         return buffer.uniform_(generator=generator)
-    from safemerge.merges import cpu_kernels
-
     cpu_kernels.uniform(buffer.view(-1).numpy(), _seed(key), start)
     return buffer
 
@@ -609,7 +608,5 @@ def keep_mask(buffer: torch.Tensor, probability: float, key: str, start: int = 0
     below `probability`, in one pass that writes only the mask (DARE's per-trial cost is mostly this draw)."""
     if buffer.device.type != "cpu":
         return torch.lt(fill_uniform(buffer, key, start), probability, out=buffer)
-    from safemerge.merges import cpu_kernels
-
     cpu_kernels.keep(buffer.view(-1).numpy(), probability, _seed(key), start)
     return buffer

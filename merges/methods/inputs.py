@@ -9,9 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from safemerge.merges.methods.selection import CPU_THREADS, TopCut, cpu_pool
-
-__all__ = ["CPU_THREADS", "cpu_pool"]  # the merge's thread pool, defined with the selections that use it too
+from safemerge.merges.methods.selection import TopCut
 
 
 @dataclass(frozen=True)

@@ -11,28 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-# One pool, a thread per torch CPU thread, for the numpy work of the merge (random draws, della's row sorts, the
-# scans of a magnitude cut): numpy releases the GIL in all of them, and runs each call on one core.
-CPU_THREADS = max(1, torch.get_num_threads())
-cpu_pool = ThreadPoolExecutor(max_workers=CPU_THREADS)
-_PARALLEL_ELEMENTS = 1 << 16  # below this a scan is not worth splitting across the pool
-
-
-def _in_parallel(array: np.ndarray, scan: Callable[[np.ndarray], Any]) -> list[tuple[int, Any]]:
-    """(offset, scan(part)) for consecutive parts of a flat array, one per pool thread."""
-    if CPU_THREADS == 1 or array.size < _PARALLEL_ELEMENTS:
-        return [(0, scan(array))]
-    step = -(-array.size // CPU_THREADS)
-    offsets = range(0, array.size, step)
-    return list(zip(offsets, cpu_pool.map(lambda offset: scan(array[offset : offset + step]), offsets), strict=True))
-
+from safemerge.merges.methods.cpu_kernels import in_parts, scan_bracket
 
 MagnitudeChunks = Callable[[], Iterable[tuple[int, torch.Tensor]]]  # fresh (start, |tensor| chunk) pairs per call
 
@@ -95,7 +79,8 @@ def _positions_equal(magnitudes: torch.Tensor, value: float, room: int) -> torch
     """Flat positions of the first `room` elements equal to `value`."""
     flat = magnitudes.reshape(-1)
     if flat.device.type == "cpu":
-        parts = _in_parallel(flat.numpy(), lambda part: np.flatnonzero(part == np.float32(value)))
+        array = flat.numpy()
+        parts = in_parts(array.size, lambda first, last: np.flatnonzero(array[first:last] == np.float32(value)))
         return torch.from_numpy(np.concatenate([positions + offset for offset, positions in parts])[:room])
     return (flat == value).nonzero().squeeze(1)[:room]
 
@@ -146,10 +131,8 @@ def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.
     above, inside = 0, []
     for start, magnitudes in chunks():
         flat = magnitudes.reshape(-1)
-        if flat.device.type == "cpu":  # numpy, a part of the chunk per thread
-            parts = [scanned for _, scanned in _in_parallel(flat.numpy(), lambda part: _scan_bracket(part, low, high))]
-            at_least_low = sum(count for count, _ in parts)
-            values = np.concatenate([part_values for _, part_values in parts])
+        if flat.device.type == "cpu":  # one compiled pass, a part of the chunk per thread
+            at_least_low, values = scan_bracket(flat.numpy(), low, high)
         else:
             at_least_low = int(torch.count_nonzero(flat >= low))
             values = flat[(flat >= low) & (flat <= high)].cpu().numpy()
@@ -171,14 +154,6 @@ def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.
         tied_before[start], tied_within[start] = seen, int(np.count_nonzero(values == value))
         seen += tied_within[start]
     return TopCut(count, total, float(value), count - greater, tied_before, tied_within)
-
-
-def _scan_bracket(magnitudes: np.ndarray, low: float, high: float) -> tuple[int, np.ndarray]:
-    """How many magnitudes are >= low, and those in [low, high]."""
-    in_bracket = magnitudes >= low
-    at_least_low = int(np.count_nonzero(in_bracket))
-    in_bracket &= magnitudes <= high
-    return at_least_low, np.extract(in_bracket, magnitudes)
 
 
 def _cut_in_memory(count: int, total: int, magnitudes: torch.Tensor, workspace: torch.Tensor | None) -> TopCut:

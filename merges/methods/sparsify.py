@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from safemerge.merges.methods.inputs import CPU_THREADS, TensorInputs, cpu_pool
+from safemerge.merges.methods.cpu_kernels import CPU_THREADS, cpu_pool
+from safemerge.merges.methods.inputs import TensorInputs
 
 # Each sparsifier returns the masked task vector in a scratch buffer. It is called only for density < 1: at
 # density 1 nothing is dropped and the caller keeps the task vector itself.

@@ -9,6 +9,7 @@ from enum import StrEnum
 
 import torch
 
+from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.inputs import DENSITIES, WEIGHTS, Param, TensorInputs, combine
 from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification
 
@@ -94,6 +95,19 @@ class TaskArithmetic:
                 out.add_(delta, alpha=scale * weight * factor / normalizer)
             return out
 
+        if _fusable(inputs.tensors[0], [delta for delta, _, _ in deltas], out):
+            flat = lambda tensor: tensor.reshape(-1).numpy()  # noqa: E731
+            cpu_kernels.elect(
+                flat(inputs.tensors[0]),
+                [flat(delta) for delta, _, _ in deltas],
+                [weight * factor for _, weight, factor in deltas],
+                [weight for _, weight, _ in deltas],
+                scale,
+                self.consensus == Consensus.count,
+                normalize,
+                flat(out),
+            )
+            return out
         majority = inputs.scratch(0)
         for index, (delta, weight, factor) in enumerate(deltas):
             if self.consensus == Consensus.sum:
@@ -129,3 +143,12 @@ class TaskArithmetic:
                 divisor[divisor == 0] = 1.0
             mixed.div_(divisor)
         return torch.add(inputs.tensors[0], mixed, alpha=scale, out=out)
+
+
+def _fusable(base: torch.Tensor, deltas: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """Whether the sign election runs as one compiled pass (merges/methods/cpu_kernels.py): contiguous float32 on
+    the CPU, at most its number of task vectors; elsewhere (a GPU) the torch ops below run it."""
+    tensors = [base, *deltas, out]
+    return len(deltas) <= cpu_kernels.FUSED_VECTORS and all(
+        tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous() for tensor in tensors
+    )

@@ -3,12 +3,15 @@ not depend on the chunking, and merges in small chunks equal to merges of whole 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from safemerge.merges.engine import MergeEngine, chunk_ranges, fill_uniform, keep_mask, pack_mask, unpack_mask
 from safemerge.merges.methods import METHODS
+from safemerge.merges.methods.cpu_kernels import elect
 from safemerge.merges.methods.selection import sample_positions, top_cut
 from safemerge.merges.recipe import parse_recipe
 from safemerge.zoo.random_family import LlamaShape, write_random_family
@@ -222,3 +225,49 @@ def test_a_sampled_bracket_finds_the_exact_cut_in_one_pass(monkeypatch, count):
         cut.mask(flat[start:end], start, mask[start:end])
     expected = brute_force_top(flat, count)
     assert torch.equal(mask[flat != 0], expected[flat != 0])
+
+
+ELECTING = sorted(name for name, row in METHODS.items() if getattr(row.kernel, "consensus", "none") != "none")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("weights", [(0.7, 0.4), (0.9, -0.4)])
+@pytest.mark.parametrize("method", ELECTING)
+def test_the_compiled_sign_election_is_the_torch_ops_election(engines, monkeypatch, method, weights, normalize):
+    from safemerge.merges.methods import cpu_kernels, task_arithmetic
+
+    chunked = engines[1]
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "elect", lambda *args: calls.append(1) or elect(*args))
+    raw = recipe_for(method, rescale=True)  # rescaled where the method rescales
+    for entry, weight in zip(raw["models"], weights, strict=True):
+        entry["parameters"]["weight"] = weight
+    raw["parameters"]["normalize"] = normalize
+    recipe = parse_recipe(raw)
+    fused = chunked.merge(recipe)
+    assert calls, "the compiled election did not run"
+    monkeypatch.setattr(task_arithmetic, "_fusable", lambda *_: False)
+    reference = chunked.merge(recipe)
+    for name, tensor in reference.items():
+        # The same float32 operations in the same order; torch's vectorized addcmul may fuse a multiply-add.
+        torch.testing.assert_close(fused[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(fused["model.embed_tokens.weight"], chunked.base_tensor("model.embed_tokens.weight"))
+
+
+def test_a_count_vote_election_is_the_torch_ops_election():
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(70_001, generator=generator)
+    deltas = [torch.randn(70_001, generator=generator) * (torch.rand(70_001, generator=generator) < 0.5) for _ in "abc"]
+    weights, coefficients = [0.5, -0.25, 0.75], [0.6, -0.3, 0.9]
+    out = torch.empty_like(base)
+    elect(base.numpy(), [d.numpy() for d in deltas], coefficients, weights, 0.8, True, True, out.numpy())
+    votes = sum(torch.sign(delta) * math.copysign(1.0, weight) for delta, weight in zip(deltas, weights, strict=True))
+    majority = torch.copysign(torch.ones(()), votes)
+    agrees = [
+        torch.sign(delta) * math.copysign(1.0, weight) == majority
+        for delta, weight in zip(deltas, weights, strict=True)
+    ]
+    mixed = sum(delta * c * a for delta, c, a in zip(deltas, coefficients, agrees, strict=True))
+    divisor = sum(a * w for a, w in zip(agrees, weights, strict=True))
+    expected = base + 0.8 * mixed / torch.where(divisor == 0, torch.ones(()), divisor)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,171 @@
+"""The merge's hot loops on the CPU, compiled with numba: a counter-based random draw, TIES's sign election with
+its disjoint merge in one pass over the elements, and the scan of a magnitude cut's bracket; and the thread pool
+they and the merge's numpy work run on.
+
+Why numba: the same steps as torch ops take one pass over memory per op (a DARE-TIES merge of two task vectors is
+about 20 of them per element) and torch's CPU generator is serial; compiled loops take one pass and vectorize.
+Each loop is serial and releases the GIL, and `in_parts` runs it on the merge's thread pool over consecutive parts
+of the elements, so numba's own threading layer (which must not be entered from two threads at once) is not used.
+Compiled code is cached on disk (numba's `cache=True`), so a process pays the compile once per machine.
+
+The torch ops in merges/methods stay the reference (and the GPU path); tests compare the two on the CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numba
+import numpy as np
+import torch
+
+# One pool, a thread per torch CPU thread, for the compiled loops and the numpy work of the merge (della's row
+# sorts, a cut's selection): both release the GIL, and run each call on one core.
+CPU_THREADS = max(1, torch.get_num_threads())
+cpu_pool = ThreadPoolExecutor(max_workers=CPU_THREADS)
+_PARALLEL_ELEMENTS = 1 << 16  # below this a loop is not worth splitting across the pool
+Result = TypeVar("Result")
+
+# splitmix64 (Steele, Lea and Flood 2014): element k of a stream is mix(seed + (k + 1) * golden), so any element is
+# drawn without the ones before it, and a tensor's stream does not depend on how its chunks are cut.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S27, _S30, _S31, _S40 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(40)
+UNIFORM_BITS = 24  # a float32 in [0, 1) holds 24 random bits exactly
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _draw(seed: np.uint64, index: int) -> np.uint64:
+    """The top 24 bits of element `index`'s 64-bit hash."""
+    z = seed + (np.uint64(index) + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return (z ^ (z >> _S31)) >> _S40
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _uniform(out: np.ndarray, seed: np.uint64, start: int) -> None:
+    scale = np.float32(1.0 / (1 << 24))
+    for i in range(out.size):
+        out[i] = np.float32(_draw(seed, start + i)) * scale
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _keep(out: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64) -> None:
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for i in range(out.size):
+        out[i] = one if _draw(seed, start + i) < threshold else zero
+
+
+def in_parts(size: int, work: Callable[[int, int], Result]) -> list[tuple[int, Result]]:
+    """(first, work(first, last)) over consecutive parts [first, last) of range(size), one part per pool thread."""
+    if CPU_THREADS == 1 or size < _PARALLEL_ELEMENTS:
+        return [(0, work(0, size))]
+    step = -(-size // CPU_THREADS)
+    firsts = range(0, size, step)
+    return list(zip(firsts, cpu_pool.map(lambda first: work(first, min(first + step, size)), firsts), strict=True))
+
+
+def uniform(out: np.ndarray, seed: int, start: int) -> None:
+    """out (flat float32) = elements [start, start + size) of the stream `seed`, each k * 2**-24 for a uniform
+    24-bit k: U[0, 1) exactly as fine as float32 holds it."""
+    key = np.uint64(seed)
+    in_parts(out.size, lambda first, last: _uniform(out[first:last], key, start + first))
+
+
+def keep(out: np.ndarray, probability: float, seed: int, start: int) -> None:
+    """out (flat float32) = 1.0 where the element of stream `seed` is kept, else 0.0: kept when its uniform draw
+    is below `probability` (to 2**-24), the same draws `uniform` gives."""
+    key, threshold = np.uint64(seed), np.uint64(round(probability * (1 << UNIFORM_BITS)))
+    in_parts(out.size, lambda first, last: _keep(out[first:last], key, start + first, threshold))
+
+
+FUSED_VECTORS = 4  # task vectors the fused election takes (unused slots repeat the first with weight 0)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _elect(base, d0, d1, d2, d3, terms, votes, signed, signs, weights, scale, floor, out):  # noqa: ANN001
+    # Branch-free, so the loop vectorizes: a vector's vote is delta * votes[i] + sign(delta) * signed[i] (one of the
+    # two is zero), and without normalize the weights are zero, so the divisor is `floor`, 1.
+    zero, one = np.float32(0.0), np.float32(1.0)
+    c0, c1, c2, c3 = terms[0], terms[1], terms[2], terms[3]
+    v0, v1, v2, v3 = votes[0], votes[1], votes[2], votes[3]
+    t0, t1, t2, t3 = signed[0], signed[1], signed[2], signed[3]
+    s0, s1, s2, s3 = signs[0], signs[1], signs[2], signs[3]
+    w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
+    for i in range(out.size):
+        x0, x1, x2, x3 = d0[i], d1[i], d2[i], d3[i]
+        # Each term is rounded before it is added, as mergekit's stack-and-sum does.
+        vote = (x0 * v0 + np.sign(x0) * t0) + (x1 * v1 + np.sign(x1) * t1)
+        vote = vote + (x2 * v2 + np.sign(x2) * t2) + (x3 * v3 + np.sign(x3) * t3)
+        majority = np.float32(np.copysign(one, vote))
+        # A vector agrees where sign(weight * delta) is the majority's (zero never agrees).
+        a0, a1 = x0 * s0 * majority > zero, x1 * s1 * majority > zero
+        a2, a3 = x2 * s2 * majority > zero, x3 * s3 * majority > zero
+        mixed = (x0 * c0 if a0 else zero) + (x1 * c1 if a1 else zero)
+        mixed = mixed + (x2 * c2 if a2 else zero) + (x3 * c3 if a3 else zero)
+        divisor = (w0 if a0 else zero) + (w1 if a1 else zero) + (w2 if a2 else zero) + (w3 if a3 else zero)
+        out[i] = base[i] + scale * (mixed / (divisor if divisor != zero else floor))
+
+
+def elect(
+    base: np.ndarray,
+    deltas: list[np.ndarray],
+    coefficients: list[float],
+    weights: list[float],
+    scale: float,
+    count_votes: bool,
+    normalize: bool,
+    out: np.ndarray,
+) -> np.ndarray:
+    """TIES's sign election and disjoint merge in one pass (flat float32 arrays, at most FUSED_VECTORS deltas):
+    out = base + scale * sum of coefficient * delta over the deltas whose sign(weight * delta) is the majority's,
+    the majority being the sign of the sum of coefficient * delta (or, with count_votes, of sign(weight * delta));
+    with normalize the sum is divided by the agreeing weights. The same arithmetic as the torch ops of
+    TaskArithmetic, in float32 and in the same order."""
+    padding = FUSED_VECTORS - len(deltas)
+    vectors = [*deltas, *[deltas[0]] * padding]  # a repeated vector costs no memory traffic: it is in cache
+    as_float32 = lambda values: np.array([*values, *[0.0] * padding], dtype=np.float32)  # noqa: E731
+    terms = as_float32(coefficients)
+    signs = as_float32(np.sign(weights))
+    votes, signed = (
+        (as_float32([0.0] * len(deltas)), signs) if count_votes else (terms, as_float32([0.0] * len(deltas)))
+    )
+    # Where nothing agreed mixed is 0: with positive weights mergekit clamps the divisor, else sets it to 1.
+    floor = np.float32(1e-30 if normalize and all(weight > 0 for weight in weights) else 1.0)
+    weight_array = as_float32(weights) if normalize else as_float32([0.0] * len(deltas))
+    arguments = (terms, votes, signed, signs, weight_array, np.float32(scale), floor)
+
+    def loop(first: int, last: int) -> None:
+        parts = [vector[first:last] for vector in vectors]
+        _elect(base[first:last], *parts, *arguments, out[first:last])
+
+    in_parts(out.size, loop)
+    return out
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _bracket(magnitudes, low, high, out):  # noqa: ANN001
+    # Branch-free compaction: every value is written at the next free slot, which advances only when it is kept.
+    at_least_low, kept = 0, 0
+    for i in range(magnitudes.size):
+        value = magnitudes[i]
+        out[kept] = value
+        at_least_low += value >= low
+        kept += (value >= low) & (value <= high)
+    return at_least_low, kept
+
+
+def scan_bracket(magnitudes: np.ndarray, low: float, high: float) -> tuple[int, np.ndarray]:
+    """How many of the flat float32 `magnitudes` are >= low, and those in [low, high] in flat order: one pass, on
+    the pool's threads."""
+    bounds = np.float32(low), np.float32(min(high, np.finfo(np.float32).max))
+
+    def scan(first: int, last: int) -> tuple[int, np.ndarray]:
+        out = np.empty(last - first + 1, dtype=np.float32)  # pages are touched only as far as values are kept
+        at_least_low, kept = _bracket(magnitudes[first:last], *bounds, out)
+        return at_least_low, out[:kept]
+
+    parts = [scanned for _, scanned in in_parts(magnitudes.size, scan)]
+    return sum(count for count, _ in parts), np.concatenate([values for _, values in parts])
