@@ -58,7 +58,10 @@ def recipe_for(method: str, folders: dict[str, Path]) -> dict:
     models = [{"model": model, **({"parameters": per_model} if per_model else {})} for model in experts]
     if row.max_models == 1:
         models.insert(0, {"model": base})  # as mergekit's examples list the pair
-    return {"merge_method": method, "base_model": base, "models": models, "parameters": parameters, "dtype": "float32"}
+    recipe = {"merge_method": method, "models": models, "parameters": parameters, "dtype": "float32"}
+    if row.base != "input":  # linear merges its inputs only: a base_model would be one more input to weight
+        recipe["base_model"] = base
+    return recipe
 
 
 def run_mergekit(config: Path, out: Path) -> tuple[float, float]:
@@ -102,10 +105,11 @@ def worker(method: str, folders: dict[str, Path], trials: int) -> dict:
     from safemerge.merges.recipe import parse_recipe
 
     data = recipe_for(method, folders)
-    experts = {entry["model"]: entry["model"] for entry in data["models"] if entry["model"] != data["base_model"]}
+    base = str(folders["base"])  # the engine's reference, whether or not the recipe names a base_model
+    experts = {entry["model"]: entry["model"] for entry in data["models"] if entry["model"] != base}
     recipe = parse_recipe(data)
     start = time.perf_counter()
-    engine = MergeEngine(data["base_model"], experts, base_name=data["base_model"], recipe=recipe)
+    engine = MergeEngine(base, experts, base_name=base, recipe=recipe)
     load = time.perf_counter() - start
     # The generation engine's weights, allocated once as vLLM's are; the first merge fills them (a warm-up).
     start = time.perf_counter()
