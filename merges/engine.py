@@ -409,6 +409,7 @@ class MergeEngine:
     ) -> TensorInputs:
         seed, shape = recipe.seed, tensors[0].shape
         pool = statistics.pool_of(tensors)
+        key = lambda model: f"{seed}/{name}/{model}"  # noqa: E731  # a model's random stream in this tensor
         return TensorInputs(
             name=name,
             basis=self.basis,
@@ -419,10 +420,9 @@ class MergeEngine:
             numel=self.shapes[name].numel(),
             whole=len(self._chunks[name]) == 1,
             statistics=statistics,
-            fill_uniform=lambda model, buffer: fill_uniform(buffer, f"{seed}/{name}/{model}", start),
-            keep_mask=lambda model, probability, buffer: keep_mask(
-                buffer, probability, f"{seed}/{name}/{model}", start
-            ),
+            fill_uniform=lambda model, buffer: fill_uniform(buffer, key(model), start),
+            keep_mask=lambda model, probability, buffer: keep_mask(buffer, probability, key(model), start),
+            stream=lambda model: stream_seed(key(model)),
             scratch=lambda index, dtype=torch.float32: self._buffer(pool, index, shape.numel(), dtype).view(shape),
             read=lambda model, buffer: self._read(name, model, start, buffer),
         )
@@ -584,7 +584,8 @@ def unpack_mask(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.view(-1).copy_(bits).view(out.shape)
 
 
-def _seed(key: str) -> int:
+def stream_seed(key: str) -> int:
+    """The 64-bit seed of the random stream named `key`."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
@@ -596,9 +597,9 @@ def fill_uniform(buffer: torch.Tensor, key: str, start: int = 0) -> torch.Tensor
     the pool's threads, where torch's CPU generator is serial), so a chunk anywhere in the tensor is drawn
     directly; on a GPU torch's generator, seeded by key and offset."""
     if buffer.device.type != "cpu":
-        generator = torch.Generator(device=buffer.device).manual_seed(_seed(f"{key}@{start}" if start else key))
+        generator = torch.Generator(device=buffer.device).manual_seed(stream_seed(f"{key}@{start}" if start else key))
         return buffer.uniform_(generator=generator)
-    cpu_kernels.uniform(buffer.view(-1).numpy(), _seed(key), start)
+    cpu_kernels.uniform(buffer.view(-1).numpy(), stream_seed(key), start)
     return buffer
 
 
@@ -608,5 +609,5 @@ def keep_mask(buffer: torch.Tensor, probability: float, key: str, start: int = 0
     below `probability`, in one pass that writes only the mask (DARE's per-trial cost is mostly this draw)."""
     if buffer.device.type != "cpu":
         return torch.lt(fill_uniform(buffer, key, start), probability, out=buffer)
-    cpu_kernels.keep(buffer.view(-1).numpy(), probability, _seed(key), start)
+    cpu_kernels.keep(buffer.view(-1).numpy(), probability, stream_seed(key), start)
     return buffer

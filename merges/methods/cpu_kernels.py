@@ -58,9 +58,10 @@ def _keep(out: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64) ->
         out[i] = one if _draw(seed, start + i) < threshold else zero
 
 
-def in_parts(size: int, work: Callable[[int, int], Result]) -> list[tuple[int, Result]]:
-    """(first, work(first, last)) over consecutive parts [first, last) of range(size), one part per pool thread."""
-    if CPU_THREADS == 1 or size < _PARALLEL_ELEMENTS:
+def in_parts(size: int, work: Callable[[int, int], Result], unit: int = 1) -> list[tuple[int, Result]]:
+    """(first, work(first, last)) over consecutive parts [first, last) of range(size), one part per pool thread
+    (`unit`: elements per index, e.g. a row's, which decide whether splitting is worth it)."""
+    if CPU_THREADS == 1 or size < 2 or size * unit < _PARALLEL_ELEMENTS:
         return [(0, work(0, size))]
     step = -(-size // CPU_THREADS)
     firsts = range(0, size, step)
@@ -169,3 +170,47 @@ def scan_bracket(magnitudes: np.ndarray, low: float, high: float) -> tuple[int, 
 
     parts = [scanned for _, scanned in in_parts(magnitudes.size, scan)]
     return sum(count for count, _ in parts), np.concatenate([values for _, values in parts])
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _della_keys(vectors, keys):  # noqa: ANN001
+    # |x|'s float32 bits (the sign bit cleared) above the column: non-negative floats order as their bits.
+    bits = vectors.view(np.int32)
+    for row in range(vectors.shape[0]):
+        for column in range(vectors.shape[1]):
+            keys[row, column] = (np.int64(bits[row, column] & 0x7FFFFFFF) << 32) | column
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _della_draws(keys, probability, seed, start, out):  # noqa: ANN001
+    rows, columns = keys.shape
+    scale = np.float32(1.0 / (1 << 24))
+    for row in range(rows):
+        first = start + row * columns
+        for position in range(columns):  # the element at ascending rank `position` of its row
+            column = keys[row, position] & 0xFFFFFFFF
+            draw = np.float32(_draw(seed, first + column)) * scale
+            out[row, column] = np.float32(draw < probability[position])
+
+
+def della_keep(
+    vectors: np.ndarray, keys: np.ndarray, density: float, epsilon: float, seed: int, start: int, out: np.ndarray
+) -> np.ndarray:
+    """DELLA's mask of a block of rows of task vectors (float32 [rows, columns], flat offset `start` in the tensor's
+    stream `seed`): 1.0 where an element's draw (as `uniform` draws it) is below its keep probability, density -
+    epsilon + 2 epsilon * rank / (columns - 1) computed in float32 as the torch ops do, rank being its magnitude's
+    ascending place in its row with ties by column; else 0.0. `keys` (int64, same shape) is scratch: each row's
+    keys, |x|'s bits above the column, sorted by numpy (a vectorized integer sort) between two compiled passes."""
+    columns = vectors.shape[1]
+    ranks = np.arange(columns, dtype=np.float32) / np.float32(max(columns - 1, 1))
+    probability = ranks * np.float32(2 * epsilon) + np.float32(density - epsilon)
+    key = np.uint64(seed)
+
+    def rows(first: int, last: int) -> None:
+        block = keys[first:last]
+        _della_keys(vectors[first:last], block)
+        block.sort(axis=1)
+        _della_draws(block, probability, key, start + first * columns, out[first:last])
+
+    in_parts(vectors.shape[0], rows, unit=columns)
+    return out

@@ -80,6 +80,7 @@ class TensorInputs:
     statistics: TensorStatistics
     fill_uniform: Callable[[str, torch.Tensor], torch.Tensor]  # U[0, 1) seeded by (recipe seed, tensor, model)
     keep_mask: Callable[[str, float, torch.Tensor], torch.Tensor]  # 1.0 with probability p, same seeding
+    stream: Callable[[str], int]  # the seed of those draws' stream, for the compiled CPU loops that draw them
     scratch: Callable[..., torch.Tensor]  # scratch(index[, dtype]): reusable buffers shaped like this chunk
     read: Callable[[str, torch.Tensor], torch.Tensor]  # read(model, buffer): the model's own chunk, in fp32
 

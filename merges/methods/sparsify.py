@@ -8,10 +8,9 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
 import torch
 
-from safemerge.merges.methods.cpu_kernels import CPU_THREADS, cpu_pool
+from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.inputs import TensorInputs
 
 # Each sparsifier returns the masked task vector in a scratch buffer. It is called only for density < 1: at
@@ -77,43 +76,42 @@ def _della(
 ) -> torch.Tensor:
 
     def draw(out: torch.Tensor) -> torch.Tensor:
-        probability = _rank_norm(task_vector, inputs.scratch(buffer + 1), inputs.scratch(0, torch.int64))
+        rows = _rows(task_vector)
+        keys = inputs.scratch(0, torch.int64).view(rows.shape)  # int64: 2 fp32 buffers' worth
+        if task_vector.device.type == "cpu" and task_vector.is_contiguous():  # compiled passes around numpy's sort
+            seed = inputs.stream(model)
+            cpu_kernels.della_keep(
+                rows.numpy(), keys.numpy(), density, epsilon, seed, inputs.start, out.view(rows.shape).numpy()
+            )
+            return out
+        probability = _rank_norm(torch.abs(rows, out=inputs.scratch(buffer + 1).view(rows.shape)), keys)
         probability.mul_(2 * epsilon).add_(density - epsilon)
-        return torch.lt(inputs.fill_uniform(model, out), probability, out=out)
+        return torch.lt(inputs.fill_uniform(model, out), probability.view(out.shape), out=out)
 
     return inputs.random_mask(model, draw, inputs.scratch(buffer)).mul_(task_vector)
 
 
-def _rank_norm(task_vector: torch.Tensor, out: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """della's magnitude rank of each element within its row, scaled to [0, 1], computed per chunk (a chunk holds
-    whole rows) rather than kept: a table of ranks would cost more memory than the model.
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """della's rows: dim 0's rows of a matrix, a vector as one row."""
+    return tensor.reshape(1, -1) if tensor.dim() < 2 else tensor
+
+
+def _rank_norm(magnitudes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """della's magnitude rank of each element within its row, scaled to [0, 1], written over `magnitudes` (rows
+    of |x|), with `keys` (int64, the same shape) as scratch: computed per chunk (a chunk holds whole rows) rather
+    than kept, as a table of ranks would cost more memory than the model. The GPU's path, and the definition the
+    CPU's compiled cpu_kernels.della_keep is tested against.
 
     Ranks come from one sort of int64 keys, |x|'s float32 bits (ordered as the magnitudes are, for |x| >= 0) above
     the column: tied magnitudes rank by column, the same on every device and sort algorithm (mergekit's
-    torch.argsort leaves ties in its unstable order), and sorting plain integers is several times faster than an
-    argsort of floats (numpy's vectorized sort on the CPU, on row blocks in parallel)."""
-    rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector
-    columns = rows.shape[1]
-    ranks = torch.abs(rows, out=out.view(rows.shape))
-    keys = keys.view(rows.shape).copy_(ranks.view(torch.int32))  # int64: 2 fp32 buffers' worth
-    keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(columns, dtype=torch.int64, device=rows.device))
-    if keys.device.type == "cpu":
-        _sort_rows(keys.numpy())
-    else:
-        keys = torch.sort(keys, dim=1).values
-    order = keys.bitwise_and_(0xFFFFFFFF)  # the column of each ascending position
-    positions = torch.arange(columns, dtype=torch.float32, device=rows.device).expand_as(ranks)
-    ranks.scatter_(1, order, positions)  # the inverse permutation: the rank of each element
-    return out.div_(max(columns - 1, 1))
-
-
-def _sort_rows(keys: np.ndarray) -> None:
-    """Sort each row of `keys` in place, blocks of rows on several threads (numpy's sort releases the GIL)."""
-    step = -(-keys.shape[0] // CPU_THREADS)
-    if step >= keys.shape[0]:
-        keys.sort(axis=1)
-        return
-    list(cpu_pool.map(lambda first: keys[first : first + step].sort(axis=1), range(0, keys.shape[0], step)))
+    torch.argsort leaves ties in its unstable order), and sorting plain integers is faster than an argsort."""
+    columns = magnitudes.shape[1]
+    keys.copy_(magnitudes.view(torch.int32))
+    keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(columns, dtype=torch.int64, device=magnitudes.device))
+    order = torch.sort(keys, dim=1).values.bitwise_and_(0xFFFFFFFF)  # the column of each ascending position
+    positions = torch.arange(columns, dtype=torch.float32, device=magnitudes.device).expand_as(magnitudes)
+    magnitudes.scatter_(1, order, positions)  # the inverse permutation: the rank of each element
+    return magnitudes.div_(max(columns - 1, 1))
 
 
 SPARSIFIERS: dict[Sparsification, Callable[..., torch.Tensor]] = {

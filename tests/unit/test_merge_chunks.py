@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from safemerge.merges.engine import MergeEngine, chunk_ranges, fill_uniform, keep_mask, pack_mask, unpack_mask
+from safemerge.merges.engine import (
+    MergeEngine,
+    chunk_ranges,
+    fill_uniform,
+    keep_mask,
+    pack_mask,
+    stream_seed,
+    unpack_mask,
+)
 from safemerge.merges.methods import METHODS
-from safemerge.merges.methods.cpu_kernels import elect
+from safemerge.merges.methods.cpu_kernels import della_keep, elect
 from safemerge.merges.methods.selection import sample_positions, top_cut
 from safemerge.merges.recipe import parse_recipe
 from safemerge.zoo.random_family import LlamaShape, write_random_family
@@ -64,8 +72,29 @@ def test_della_ranks_each_row_by_magnitude_with_ties_by_column(shape, levels):
     rows = values.reshape(1, -1) if values.dim() < 2 else values
     # The reference: a stable sort by magnitude (ties to the lower column), inverted.
     expected = torch.sort(rows.abs(), dim=1, stable=True).indices.argsort(dim=1).float() / max(rows.shape[1] - 1, 1)
-    ranks = _rank_norm(values, torch.empty(values.numel()), torch.empty(values.numel(), dtype=torch.int64))
-    assert torch.equal(ranks.view(rows.shape), expected)
+    ranks = _rank_norm(rows.abs(), torch.empty(rows.shape, dtype=torch.int64))
+    assert torch.equal(ranks, expected)
+
+
+@pytest.mark.parametrize("shape", [(7, 50), (1, 33), (40,), (300, 257)])
+@pytest.mark.parametrize("levels", [3, 100000, None])
+def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probability(shape, levels):
+    from safemerge.merges.methods.sparsify import _rank_norm
+
+    generator = torch.Generator().manual_seed(7)
+    if levels is None:
+        values = torch.randn(shape, generator=generator)
+    else:  # tied magnitudes, which rank by column
+        values = torch.randint(-levels, levels, shape, generator=generator).float() / levels
+    rows = values.reshape(1, -1) if values.dim() < 2 else values
+    density, epsilon, start = 0.6, 0.2, 1234
+    probability = _rank_norm(rows.abs(), torch.empty(rows.shape, dtype=torch.int64))
+    probability.mul_(2 * epsilon).add_(density - epsilon)
+    expected = (fill_uniform(torch.empty(rows.shape), "s/t/m", start) < probability).float()
+    out = np.full(rows.shape, 7.0, dtype=np.float32)
+    keys = np.empty(rows.shape, dtype=np.int64)
+    della_keep(rows.numpy(), keys, density, epsilon, stream_seed("s/t/m"), start, out)
+    assert np.array_equal(out, expected.numpy())
 
 
 @pytest.mark.parametrize("sampled", [False, True])
