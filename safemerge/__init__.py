@@ -8,7 +8,15 @@ parsing (`safemerge.arguments`), and the root command line (`safemerge.cli`).
 
 __version__ = "0.1.0"
 
+import os
 from pathlib import Path
+
+# torch's OpenMP threads spin for about a millisecond after each parallel op (libgomp's default, read when torch
+# loads). The merge alternates torch ops with compiled loops on its own thread pool (merges/methods/cpu_kernels.py),
+# which the spinning threads slow down by up to 2x on a 2-core machine; a shorter spin keeps back-to-back torch
+# ops as fast (della's merge on benchmarks/merge_speed.py's family: 4.5 s -> 3.1 s here). Effective where this
+# package is imported before torch, as in safemerge's entry points and workers; a value already set is kept.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 LAYERS = ("merges", "evaluators", "zoo", "search", "cluster")
 
