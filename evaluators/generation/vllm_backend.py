@@ -4,6 +4,9 @@ place."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safemerge.evaluators.generation.protocol import (
@@ -50,9 +53,10 @@ class VLLMGenerator(TokenizedBackend):
         engine_options.setdefault("distributed_executor_backend", "uni")
         _LIVE_ENGINES.add(id(self))  # before the build: an engine starting counts as live for the others' close
         try:
-            self.llm = LLM(
-                model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_options
-            )
+            with _modules_hidden_from_vllm_scan():
+                self.llm = LLM(
+                    model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_options
+                )
         except BaseException:
             _LIVE_ENGINES.discard(id(self))  # a failed start must not keep the others from shutting down
             raise
@@ -113,6 +117,23 @@ class VLLMGenerator(TokenizedBackend):
         if not _LIVE_ENGINES:
             while _CLOSED_ENGINES:
                 _CLOSED_ENGINES.pop().llm_engine.engine_core.shutdown()
+
+
+# vLLM's CPU worker, as it starts, scans every loaded module for Triton kernels to override
+# (vllm/triton_utils/dispatcher.py, _rebind_kernels) and calls vars(value).get on each attribute. llvmlite's
+# `ffi.lib` (loaded with numba, which the merge's CPU loops use) answers any attribute, so vars() returns one of its
+# function wrappers and the engine start fails with AttributeError. Such modules leave sys.modules while an engine
+# starts (whoever imported them keeps them) and come back after.
+_BREAKS_VLLM_SCAN = ("llvmlite.binding.ffi",)
+
+
+@contextmanager
+def _modules_hidden_from_vllm_scan() -> Iterator[None]:
+    hidden = {name: sys.modules.pop(name) for name in _BREAKS_VLLM_SCAN if name in sys.modules}
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
 
 
 _LIVE_ENGINES: set[int] = set()  # in-process VLLMGenerators not yet closed
