@@ -31,24 +31,25 @@ Result = TypeVar("Result")
 # drawn without the ones before it, and a tensor's stream does not depend on how its chunks are cut.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S27, _S30, _S31, _S40 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(40)
-UNIFORM_BITS = 24  # a float32 in [0, 1) holds 24 random bits exactly
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+UNIFORM_BITS = 24  # a float32 in [0, 1) holds 24 random bits exactly: a draw is the hash's top 24 bits
+_TOP = np.uint64(64 - UNIFORM_BITS)
+_UNIT = np.float32(2.0**-UNIFORM_BITS)  # a draw k is the uniform k * 2**-24
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _draw(seed: np.uint64, index: int) -> np.uint64:
-    """The top 24 bits of element `index`'s 64-bit hash."""
+    """The top UNIFORM_BITS bits of element `index`'s 64-bit hash."""
     z = seed + (np.uint64(index) + np.uint64(1)) * _GOLDEN
     z = (z ^ (z >> _S30)) * _MIX1
     z = (z ^ (z >> _S27)) * _MIX2
-    return (z ^ (z >> _S31)) >> _S40
+    return (z ^ (z >> _S31)) >> _TOP
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _uniform(out: np.ndarray, seed: np.uint64, start: int) -> None:
-    scale = np.float32(1.0 / (1 << 24))
     for i in range(out.size):
-        out[i] = np.float32(_draw(seed, start + i)) * scale
+        out[i] = np.float32(_draw(seed, start + i)) * _UNIT
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -184,12 +185,11 @@ def _della_keys(vectors, keys):  # noqa: ANN001
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _della_draws(keys, probability, seed, start, out):  # noqa: ANN001
     rows, columns = keys.shape
-    scale = np.float32(1.0 / (1 << 24))
     for row in range(rows):
         first = start + row * columns
         for position in range(columns):  # the element at ascending rank `position` of its row
             column = keys[row, position] & 0xFFFFFFFF
-            draw = np.float32(_draw(seed, first + column)) * scale
+            draw = np.float32(_draw(seed, first + column)) * _UNIT
             out[row, column] = np.float32(draw < probability[position])
 
 
