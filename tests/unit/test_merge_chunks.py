@@ -227,7 +227,9 @@ def test_a_merge_in_small_chunks_is_the_merge_of_whole_tensors(engines, method, 
     expected, got = whole.merge(recipe), chunked.merge(recipe)
     # Exact, except where a whole-tensor sum (rescale norms, row-wise dot products, multislerp's gram, SCE's mean
     # squares) is added in another order: then within fp32 rounding of weights of size 0.02.
-    summed_in_chunks = rescale or method in ("nuslerp", "multislerp", "sce", "safety_vector")  # (its DARE rescales)
+    # karcher's norms come from the engine's dot products, which the chunked engine sums chunk by chunk: equal to
+    # the last bit on some CPUs, one ulp off on others (float64 sums in another order).
+    summed_in_chunks = rescale or method in ("nuslerp", "multislerp", "karcher", "sce", "safety_vector")
     for name, tensor in expected.items():
         if summed_in_chunks:
             torch.testing.assert_close(got[name], tensor, rtol=2e-6, atol=1e-7)
