@@ -76,11 +76,43 @@ def uniform(out: np.ndarray, seed: int, start: int) -> None:
     in_parts(out.size, lambda first, last: _uniform(out[first:last], key, start + first))
 
 
+def _threshold(probability: float) -> np.uint64:
+    """A draw k (a 24-bit integer) is below `probability` where k < this."""
+    return np.uint64(round(probability * (1 << UNIFORM_BITS)))
+
+
 def keep(out: np.ndarray, probability: float, seed: int, start: int) -> None:
     """out (flat float32) = 1.0 where the element of stream `seed` is kept, else 0.0: kept when its uniform draw
     is below `probability` (to 2**-24), the same draws `uniform` gives."""
-    key, threshold = np.uint64(seed), np.uint64(round(probability * (1 << UNIFORM_BITS)))
+    key, threshold = np.uint64(seed), _threshold(probability)
     in_parts(out.size, lambda first, last: _keep(out[first:last], key, start + first, threshold))
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _keep_values(values: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64, out: np.ndarray) -> None:
+    zero = np.float32(0.0)
+    for i in range(out.size):
+        out[i] = values[i] if _draw(seed, start + i) < threshold else zero
+
+
+def keep_values(values: np.ndarray, probability: float, seed: int, start: int, out: np.ndarray) -> np.ndarray:
+    """DARE's drop in one pass: out (flat float32) = values where `keep` keeps the element (the same draws), else
+    0.0, without writing the mask. Its draws are redrawn, not recorded, where a tensor needs them twice."""
+    key, threshold = np.uint64(seed), _threshold(probability)
+
+    def loop(first: int, last: int) -> None:
+        _keep_values(values[first:last], key, start + first, threshold, out[first:last])
+
+    in_parts(out.size, loop)
+    return out
+
+
+def compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loops here take these tensors: contiguous float32 on the CPU (elsewhere, a GPU, the
+    torch ops run)."""
+    return all(
+        tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous() for tensor in tensors
+    )
 
 
 FUSED_VECTORS = 4  # task vectors the fused election takes (unused slots repeat the first with weight 0)
@@ -142,6 +174,44 @@ def elect(
     def loop(first: int, last: int) -> None:
         parts = [vector[first:last] for vector in vectors]
         _elect(base[first:last], *parts, *arguments, out[first:last])
+
+    in_parts(out.size, loop)
+    return out
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _ram(base, d0, d1, d2, d3, active, scales, epsilon, out):  # noqa: ANN001
+    zero = np.float32(0.0)
+    a0, a1, a2, a3 = active[0], active[1], active[2], active[3]
+    s0, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3]
+    for i in range(out.size):
+        x0, x1, x2, x3 = d0[i], d1[i], d2[i], d3[i]
+        n0, n1 = a0 & (abs(x0) > epsilon), a1 & (abs(x1) > epsilon)
+        n2, n3 = a2 & (abs(x2) > epsilon), a3 & (abs(x3) > epsilon)
+        c0, c1, c2, c3 = x0 if n0 else zero, x1 if n1 else zero, x2 if n2 else zero, x3 if n3 else zero
+        count = np.int32(n0) + np.int32(n1) + np.int32(n2) + np.int32(n3)
+        shared = np.float32(max(count, 1))
+        # A change alone at its element keeps its (scaled) value; changes that share it each add value / count.
+        if count == 1:
+            merged = c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3
+        else:
+            merged = c0 / shared + c1 / shared + c2 / shared + c3 / shared
+        out[i] = base[i] + merged
+
+
+def ram(base: np.ndarray, deltas: list[np.ndarray], scales: list[float], epsilon: float, out: np.ndarray) -> np.ndarray:
+    """RAM's merge in one pass (flat float32 arrays, at most FUSED_VECTORS task vectors): an element changed
+    (|delta| > epsilon) by one model takes that change times the model's scale (1 for RAM, RAM+'s 1 + r * rho),
+    one changed by several the mean of their changes; out = base + that. The float32 arithmetic of the torch ops
+    in merges/methods/elementwise.py, in their order."""
+    padding = FUSED_VECTORS - len(deltas)
+    vectors = [*deltas, *[deltas[0]] * padding]
+    active = np.array([True] * len(deltas) + [False] * padding)
+    scale_array = np.array([*scales, *[1.0] * padding], dtype=np.float32)
+
+    def loop(first: int, last: int) -> None:
+        parts = [vector[first:last] for vector in vectors]
+        _ram(base[first:last], *parts, active, scale_array, np.float32(epsilon), out[first:last])
 
     in_parts(out.size, loop)
     return out

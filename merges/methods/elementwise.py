@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.inputs import TensorInputs
 
 # Scratch buffers of whole-tensor passes, above any a kernel holds while it asks for them.
@@ -84,11 +85,28 @@ def _ram_masks(task_vectors: torch.Tensor, epsilon: float) -> tuple[torch.Tensor
 def ram(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
     """Reinforced Agent Merging: an element changed (|tau| > epsilon) by one model keeps that change; one changed by
     several takes their mean change."""
-    task_vectors = _stacked_task_vectors(inputs, list(per_model))
+    models = list(per_model)
+    if _ram_compiled(inputs, models, out):
+        return _ram_in_one_pass(inputs, models, [1.0] * len(models), shared["epsilon"], out)
+    task_vectors = _stacked_task_vectors(inputs, models)
     nonzero, counts, overlap, unique = _ram_masks(task_vectors, shared["epsilon"])
     changed = task_vectors * nonzero
     merged = (changed * unique + changed * overlap / counts.clamp(min=1)).sum(dim=0)
     return torch.add(inputs.tensors[0], merged, out=out)
+
+
+def _ram_compiled(inputs: TensorInputs, models: list[str], out: torch.Tensor) -> bool:
+    vectors = [inputs.tensors[inputs.slot(model)] for model in models]
+    return len(models) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(inputs.tensors[0], *vectors, out)
+
+
+def _ram_in_one_pass(
+    inputs: TensorInputs, models: list[str], scales: list[float], epsilon: float, out: torch.Tensor
+) -> torch.Tensor:
+    flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+    vectors = [flat(inputs.tensors[inputs.slot(model)]) for model in models]
+    cpu_kernels.ram(flat(inputs.tensors[0]), vectors, scales, epsilon, flat(out))
+    return out
 
 
 def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
@@ -105,6 +123,8 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
     shared_counts, unique_counts = counts[0], counts[1]
     rho = shared_counts / unique_counts.clamp(min=epsilon)
     scale = (1 + shared["r"] * rho.clamp(min=0, max=shared["alpha"])).to(out.device)
+    if _ram_compiled(inputs, models, out):  # the scale as float32, as it multiplies the float32 changes below
+        return _ram_in_one_pass(inputs, models, scale.float().tolist(), epsilon, out)
 
     task_vectors = _stacked_task_vectors(inputs, models)
     nonzero, element_counts, overlap, unique = _ram_masks(task_vectors, epsilon)

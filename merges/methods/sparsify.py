@@ -67,8 +67,13 @@ def _breadcrumbs(
 def _random(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, **_: Any
 ) -> torch.Tensor:
-    draw = lambda out: inputs.keep_mask(model, density, out)  # noqa: E731
-    return inputs.random_mask(model, draw, inputs.scratch(buffer)).mul_(task_vector)
+    out = inputs.scratch(buffer)
+    if cpu_kernels.compiled(task_vector, out):  # one compiled pass, drawn again (not recorded) where needed twice
+        flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+        cpu_kernels.keep_values(flat(task_vector), density, inputs.stream(model), inputs.start, flat(out))
+        return out
+    draw = lambda mask: inputs.keep_mask(model, density, mask)  # noqa: E731
+    return inputs.random_mask(model, draw, out).mul_(task_vector)
 
 
 def _della(
@@ -78,7 +83,7 @@ def _della(
     def draw(out: torch.Tensor) -> torch.Tensor:
         rows = _rows(task_vector)
         keys = inputs.scratch(0, torch.int64).view(rows.shape)  # int64: 2 fp32 buffers' worth
-        if task_vector.device.type == "cpu" and task_vector.is_contiguous():  # compiled passes around numpy's sort
+        if cpu_kernels.compiled(task_vector, out):  # compiled passes around numpy's sort
             seed = inputs.stream(model)
             cpu_kernels.della_keep(
                 rows.numpy(), keys.numpy(), density, epsilon, seed, inputs.start, out.view(rows.shape).numpy()

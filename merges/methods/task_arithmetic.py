@@ -146,9 +146,6 @@ class TaskArithmetic:
 
 
 def _fusable(base: torch.Tensor, deltas: list[torch.Tensor], out: torch.Tensor) -> bool:
-    """Whether the sign election runs as one compiled pass (merges/methods/cpu_kernels.py): contiguous float32 on
-    the CPU, at most its number of task vectors; elsewhere (a GPU) the torch ops below run it."""
-    tensors = [base, *deltas, out]
-    return len(deltas) <= cpu_kernels.FUSED_VECTORS and all(
-        tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous() for tensor in tensors
-    )
+    """Whether the sign election runs as one compiled pass (merges/methods/cpu_kernels.py): at most its number of
+    task vectors, which the compiled loops take; elsewhere (a GPU) the torch ops below run it."""
+    return len(deltas) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(base, *deltas, out)

@@ -285,6 +285,35 @@ def test_the_compiled_sign_election_is_the_torch_ops_election(engines, monkeypat
     assert not torch.equal(fused["model.embed_tokens.weight"], chunked.base_tensor("model.embed_tokens.weight"))
 
 
+COMPILED = ("dare_linear", "dare_ties", "della", "della_linear", "ram", "ramplus_tl")
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("method", COMPILED)
+def test_the_compiled_drops_and_ram_merge_are_the_torch_ops(engines, monkeypatch, method, rescale):
+    from safemerge.merges.methods import cpu_kernels
+
+    raw = recipe_for(method, rescale)
+    if rescale and "rescale" not in raw["parameters"]:
+        pytest.skip(f"{method} has no rescale parameter")
+    recipe = parse_recipe(raw)
+    for engine in engines:  # whole tensors, and tensors in chunks (which a rescale passes over twice)
+        calls = []
+        for name in ("keep_values", "della_keep", "ram"):
+            kernel = getattr(cpu_kernels, name)
+            counted = lambda *args, kernel=kernel, calls=calls: calls.append(1) or kernel(*args)  # noqa: E731
+            monkeypatch.setattr(cpu_kernels, name, counted)
+        compiled = engine.merge(recipe)
+        assert calls, "no compiled loop ran"
+        monkeypatch.setattr(cpu_kernels, "compiled", lambda *_: False)
+        reference = engine.merge(recipe)
+        monkeypatch.undo()
+        for name, tensor in reference.items():
+            # The same draws and float32 operations; the election's torch ops may fuse a multiply-add.
+            torch.testing.assert_close(compiled[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+        assert not torch.equal(compiled["model.embed_tokens.weight"], engine.base_tensor("model.embed_tokens.weight"))
+
+
 def test_a_count_vote_election_is_the_torch_ops_election():
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(70_001, generator=generator)
