@@ -29,7 +29,7 @@ from safemerge.merges.methods import (
     cpu_kernels,
 )
 from safemerge.merges.methods.inputs import chunk_gram_along
-from safemerge.merges.methods.selection import TopCut, sample_positions, top_cut
+from safemerge.merges.methods.selection import TopCut, sample_positions, top_cuts
 from safemerge.merges.recipe import Recipe, check_recipe, layer_index, layer_position, lowered, resolve_parameter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -492,9 +492,9 @@ class _TensorStatistics:
             self._side_tensors = self.engine._materialize(self.name, start, end, slots, pool=1)  # type: ignore[assignment]
             yield start, self._side_tensors
 
-    def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
-        key = (model, count)
-        if key not in self._cuts:
+    def top_cuts(self, model: str, counts: Sequence[int], magnitudes: torch.Tensor) -> list[TopCut]:
+        missing = [count for count in counts if (model, count) not in self._cuts]
+        if missing:
             slot = self.engine.basis.index(model)
 
             def chunks() -> Iterator[tuple[int, torch.Tensor]]:
@@ -505,8 +505,9 @@ class _TensorStatistics:
             sample = self.engine._samples.get((self.name, slot))
             # A tensor in one chunk never takes a side pass, so the side pool's base buffer is free to select in.
             workspace = self.engine._buffer(1, -1, self.total) if self.whole else None
-            self._cuts[key] = top_cut(count, self.total, chunks, single=single, sample=sample, workspace=workspace)
-        return self._cuts[key]
+            cuts = top_cuts(missing, self.total, chunks, single=single, sample=sample, workspace=workspace)
+            self._cuts.update(((model, count), cut) for count, cut in zip(missing, cuts, strict=True))
+        return [self._cuts[model, count] for count in counts]
 
     def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
         if model not in self._l1:
@@ -531,18 +532,20 @@ class _TensorStatistics:
             self._sums[key] = sum(compute(chunk).double().cpu() for chunk in self._side_inputs())  # type: ignore[assignment]
         return self._sums[key]
 
-    def cut(
-        self, key: str, count: int, compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
-    ) -> TopCut:
-        if (key, count) not in self._value_cuts:
+    def cuts(
+        self, key: str, counts: Sequence[int], compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+    ) -> list[TopCut]:
+        missing = [count for count in counts if (key, count) not in self._value_cuts]
+        if missing:
 
             def chunks() -> Iterator[tuple[int, torch.Tensor]]:
                 for chunk in self._side_inputs():
                     yield chunk.start, compute(chunk)
 
             single = values if self.whole else None
-            self._value_cuts[key, count] = top_cut(count, self.total, chunks, single=single)
-        return self._value_cuts[key, count]
+            cuts = top_cuts(missing, self.total, chunks, single=single)
+            self._value_cuts.update(((key, count), cut) for count, cut in zip(missing, cuts, strict=True))
+        return [self._value_cuts[key, count] for count in counts]
 
     def random_mask(
         self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.inputs import TensorInputs
+from safemerge.merges.methods.selection import ascending_values
 
 # Scratch buffers of whole-tensor passes, above any a kernel holds while it asks for them.
 _SIDE = 40
@@ -33,14 +34,31 @@ def nearswap(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out
     return out.add_(weight.neg_().add_(1).mul_(base))
 
 
-def _importance(inputs: TensorInputs, base_model: str, model: str, non_negative: bool = False) -> torch.Tensor:
-    """arcee_fusion's importance: |b - a| times the KL divergence of the rows' softmaxes (a row: the last dim)."""
-    base = inputs.read(base_model, inputs.scratch(_SIDE))
-    other = inputs.read(model, inputs.scratch(_SIDE + 1))
+def _divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The KL divergence of the rows' softmaxes (a row: the last dim), one value per row, as mergekit computes it."""
     eps = 1e-8
     p = F.softmax(other, dim=-1) + eps
     q = F.softmax(base, dim=-1) + eps
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def _importance(
+    inputs: TensorInputs,
+    base_model: str,
+    model: str,
+    non_negative: bool = False,
+    divergences: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """arcee_fusion's importance: |b - a| times the KL divergence of the rows' softmaxes. `divergences` keeps each
+    chunk's row divergences (by chunk start) for the passes that visit the chunk again."""
+    base = inputs.read(base_model, inputs.scratch(_SIDE))
+    other = inputs.read(model, inputs.scratch(_SIDE + 1))
+    if divergences is None:
+        divergence = _divergence(base, other)
+    else:
+        if inputs.start not in divergences:
+            divergences[inputs.start] = _divergence(base, other)
+        divergence = divergences[inputs.start]
     importance = (other - base).abs_().mul_(divergence)
     return importance.clamp_(min=0) if non_negative else importance
 
@@ -51,23 +69,21 @@ _QUARTILES = (0.25, 0.5, 0.75)
 def arcee_fusion(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
     """Keep the expert's change where its importance is at least median + 1.5 IQR of the tensor's importances.
 
-    The quartiles are exact (the sorted importances at floor(q * (n - 1)), as mergekit indexes them). mergekit
-    estimates them from a random sample of 10^6 elements for larger tensors, so the two agree up to 10^6
-    elements per tensor."""
+    The quartiles are exact (the sorted importances at floor(q * (n - 1)), as mergekit indexes them), from one
+    selection of all three. mergekit estimates them from a random sample of 10^6 elements for larger tensors, so
+    the two agree up to 10^6 elements per tensor."""
     (model,) = per_model
     base_model = shared["base_model"]
     importance = _importance(inputs, base_model, model)
     positions = (torch.tensor(_QUARTILES) * (inputs.numel - 1)).long().tolist()
     if inputs.whole:
-        ordered = torch.sort(importance.reshape(-1)).values
-        q1, median, q3 = (ordered[position] for position in positions)
+        q1, median, q3 = (torch.tensor(value) for value in ascending_values(importance, positions))
     else:  # the (n - i)-th largest is the i-th smallest; a tiny negative KL (rounding) counts as 0 here
-        compute = lambda chunk: _importance(chunk, base_model, model, non_negative=True)  # noqa: E731
-        values = importance.clamp(min=0)
-        q1, median, q3 = (
-            torch.tensor(inputs.cut("arcee_fusion", inputs.numel - position, compute, values).value)
-            for position in positions
-        )
+        divergences: dict[int, torch.Tensor] = {}  # the side passes' row divergences: a float per row
+        compute = lambda chunk: _importance(chunk, base_model, model, True, divergences)  # noqa: E731
+        counts = [inputs.numel - position for position in positions]  # each >= 1: a tensor in chunks is large
+        cuts = inputs.cuts("arcee_fusion", counts, compute, importance.clamp(min=0))
+        q1, median, q3 = (torch.tensor(cut.value) for cut in cuts)
     threshold = median + 1.5 * (q3 - q1)
     keep = importance.ge_(threshold)
     base = inputs.read(base_model, inputs.scratch(0))
@@ -161,7 +177,7 @@ def _sce_selected(inputs: TensorInputs, models: list[str], share: float) -> torc
     count = int(int(nonzero.round()) * share)
     if count == 0:
         return torch.zeros_like(task_vectors)
-    cut = inputs.cut("sce.variance", count, lambda chunk: _variance(chunk, models), variance)
+    (cut,) = inputs.cuts("sce.variance", [count], lambda chunk: _variance(chunk, models), variance)
     return task_vectors * cut.mask(variance, inputs.start, out=variance).unsqueeze(0)
 
 

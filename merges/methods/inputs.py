@@ -3,7 +3,7 @@ vectors (TensorInputs), their linear combination, and the chunked reductions tha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,7 +44,7 @@ class Param:
 class TensorStatistics(Protocol):
     """Whole-tensor figures a kernel working on one chunk may need, computed once per tensor and merge."""
 
-    def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut: ...
+    def top_cuts(self, model: str, counts: Sequence[int], magnitudes: torch.Tensor) -> list[TopCut]: ...
 
     def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float: ...
 
@@ -56,9 +56,9 @@ class TensorStatistics(Protocol):
 
     def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor: ...
 
-    def cut(
-        self, key: str, count: int, compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
-    ) -> TopCut: ...
+    def cuts(
+        self, key: str, counts: Sequence[int], compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+    ) -> list[TopCut]: ...
 
 
 @dataclass
@@ -84,9 +84,10 @@ class TensorInputs:
     scratch: Callable[..., torch.Tensor]  # scratch(index[, dtype]): reusable buffers shaped like this chunk
     read: Callable[[str, torch.Tensor], torch.Tensor]  # read(model, buffer): the model's own chunk, in fp32
 
-    def top_cut(self, model: str, count: int, magnitudes: torch.Tensor) -> TopCut:
-        """The `count` largest |task vector| elements of the whole tensor; `magnitudes` is this chunk's."""
-        return self.statistics.top_cut(model, count, magnitudes)
+    def top_cuts(self, model: str, counts: Sequence[int], magnitudes: torch.Tensor) -> list[TopCut]:
+        """The `count` largest |task vector| elements of the whole tensor, for each count (one selection serves
+        them all); `magnitudes` is this chunk's."""
+        return self.statistics.top_cuts(model, counts, magnitudes)
 
     def random_mask(
         self, model: str, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
@@ -105,12 +106,12 @@ class TensorInputs:
         must not be ones the caller still holds."""
         return compute(self).double().cpu() if self.whole else self.statistics.whole_sum(key, compute)
 
-    def cut(
-        self, key: str, count: int, compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
-    ) -> TopCut:
-        """The `count` largest over the whole tensor of the non-negative values compute(chunk) gives (`values`:
-        this chunk's, computed by the caller), once per tensor and merge under `key`."""
-        return self.statistics.cut(key, count, compute, values)
+    def cuts(
+        self, key: str, counts: Sequence[int], compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+    ) -> list[TopCut]:
+        """For each count, the `count` largest over the whole tensor of the non-negative values compute(chunk) gives
+        (`values`: this chunk's, computed by the caller), once per tensor and merge under `key`."""
+        return self.statistics.cuts(key, counts, compute, values)
 
     def origin(self, shared: dict) -> torch.Tensor:
         """The recipe's base model as basis coefficients (zero when the recipe has no base)."""

@@ -10,7 +10,7 @@ in flat order, the rule the engine has always used.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +85,38 @@ def _positions_equal(magnitudes: torch.Tensor, value: float, room: int) -> torch
     return (flat == value).nonzero().squeeze(1)[:room]
 
 
+def top_cuts(
+    counts: Sequence[int],
+    total: int,
+    chunks: MagnitudeChunks,
+    single: torch.Tensor | None = None,
+    sample: np.ndarray | None = None,
+    workspace: torch.Tensor | None = None,
+) -> list[TopCut]:
+    """The cuts of the `counts` largest (each) of `total` non-negative finite magnitudes, from one selection:
+    `single` is the whole tensor's magnitudes when it is held in one chunk (one partition places every cut;
+    `workspace`, a buffer of its size, spares it a fresh copy); otherwise `chunks()` streams them (called once
+    per pass, every count served by the same passes), and `sample`, an ascending sample of them, brackets the
+    cuts so that one pass finds them."""
+    wanted = sorted({count for count in counts if 0 < count < total})
+    found: dict[int, TopCut] = {}
+    if wanted and single is not None:
+        flat = single.reshape(-1)
+        if flat.device.type == "cpu" and total >= _SAMPLED_FROM:  # a compiled scan beats partitioning everything
+            sample = np.sort(flat[sample_positions(0, total, total)].numpy())
+            found = _cuts_in_bracket(wanted, total, lambda: iter([(0, flat)]), sample)
+        missed = [count for count in wanted if count not in found]
+        if missed:
+            found.update(zip(missed, _cuts_in_memory(missed, total, single, workspace), strict=True))
+    elif wanted:
+        if sample is not None and sample.size:
+            found = _cuts_in_bracket(wanted, total, chunks, sample)
+        missed = [count for count in wanted if count not in found]
+        if missed:
+            found.update(zip(missed, _cuts_by_radix(missed, total, chunks), strict=True))
+    return [found.get(count) or TopCut(count, total) for count in counts]
+
+
 def top_cut(
     count: int,
     total: int,
@@ -93,19 +125,18 @@ def top_cut(
     sample: np.ndarray | None = None,
     workspace: torch.Tensor | None = None,
 ) -> TopCut:
-    """The cut of the `count` largest of `total` non-negative finite magnitudes. `single` is the whole tensor's
-    magnitudes when it is held in one chunk (`workspace`, a buffer of its size, spares the selection a fresh
-    copy); otherwise `chunks()` streams them (called once per pass), and `sample`, an ascending sample of them,
-    brackets the cut so that one pass finds it."""
-    if count >= total or count <= 0:
-        return TopCut(count, total)
-    if single is not None:
-        return _cut_in_memory(count, total, single, workspace)
-    if sample is not None and sample.size:
-        cut = _cut_in_bracket(count, total, chunks, sample)
-        if cut is not None:
-            return cut
-    return _cut_by_radix(count, total, chunks)
+    """The cut of the `count` largest of `total` non-negative finite magnitudes (top_cuts of one count)."""
+    return top_cuts([count], total, chunks, single, sample, workspace)[0]
+
+
+def ascending_values(values: torch.Tensor, positions: Sequence[int]) -> list[float]:
+    """The values at ascending 0-based `positions` of a tensor (any sign), as a full sort would place them, by one
+    selection: numpy's partition at every position at once on the CPU, kthvalue elsewhere."""
+    flat = values.reshape(-1)
+    if flat.device.type != "cpu":
+        return [float(torch.kthvalue(flat, position + 1).values) for position in positions]
+    partitioned = np.partition(flat.numpy(), sorted(set(positions)))
+    return [float(partitioned[position]) for position in positions]
 
 
 def sample_positions(start: int, size: int, total: int, samples: int = 4096) -> slice:
@@ -114,32 +145,50 @@ def sample_positions(start: int, size: int, total: int, samples: int = 4096) -> 
     return slice((-start) % stride, size, stride)
 
 
+_SAMPLED_FROM = 1 << 16  # a tensor in one chunk of at least this many elements is cut through a sampled bracket
 _BRACKET_SIGMAS = 5.0  # a sample quantile's error is binomial: the cut falls outside 5 sigmas about once in 10^6
 _MOST_IN_BRACKET = 0.25  # a bracket holding more than this share of a chunk (many equal values) is not worth it
 
 
-def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.ndarray) -> TopCut | None:
-    """One pass: count what lies above a bracket [low, high] around the sample's estimate of the cut and collect
-    what lies in it, then select in the collected values. None when the cut is outside the bracket after all."""
+def _cuts_in_bracket(counts: list[int], total: int, chunks: MagnitudeChunks, sample: np.ndarray) -> dict[int, TopCut]:
+    """One pass: for each count, count what lies above a bracket [low, high] around the sample's estimate of its
+    cut and collect what lies in it, then select in the collected values. The counts whose cut falls outside its
+    bracket after all (or whose bracket is a single value) are left out."""
     size = sample.size
-    rank = size * (1 - count / total)  # the cut's ascending position in the sample
-    margin = _BRACKET_SIGMAS * math.sqrt(size * (count / total) * (1 - count / total)) + 2
-    low = float(sample[int(rank - margin)]) if rank - margin >= 0 else 0.0
-    high = float(sample[int(rank + margin) + 1]) if int(rank + margin) + 1 < size else math.inf
-    if low == high:
-        return None  # many equal values at the cut (a frozen tensor): the radix handles them without collecting
-    above, inside = 0, []
+    brackets = {}
+    for count in counts:
+        rank = size * (1 - count / total)  # the cut's ascending position in the sample
+        margin = _BRACKET_SIGMAS * math.sqrt(size * (count / total) * (1 - count / total)) + 2
+        low = float(sample[int(rank - margin)]) if rank - margin >= 0 else 0.0
+        high = float(sample[int(rank + margin) + 1]) if int(rank + margin) + 1 < size else math.inf
+        if low != high:  # else many equal values at the cut (a frozen tensor): the radix handles them
+            brackets[count] = (low, high)
+    above = dict.fromkeys(brackets, 0)
+    inside: dict[int, list[tuple[int, np.ndarray]]] = {count: [] for count in brackets}
     for start, magnitudes in chunks():
         flat = magnitudes.reshape(-1)
-        if flat.device.type == "cpu":  # one compiled pass, a part of the chunk per thread
-            at_least_low, values = scan_bracket(flat.numpy(), low, high)
-        else:
-            at_least_low = int(torch.count_nonzero(flat >= low))
-            values = flat[(flat >= low) & (flat <= high)].cpu().numpy()
-        above += at_least_low - values.size
-        if values.size > _MOST_IN_BRACKET * flat.numel():
-            return None
-        inside.append((start, values))
+        for count, (low, high) in list(brackets.items()):
+            if flat.device.type == "cpu":  # one compiled pass, a part of the chunk per thread
+                at_least_low, values = scan_bracket(flat.numpy(), low, high)
+            else:
+                at_least_low = int(torch.count_nonzero(flat >= low))
+                values = flat[(flat >= low) & (flat <= high)].cpu().numpy()
+            if values.size > _MOST_IN_BRACKET * flat.numel():
+                del brackets[count]  # not worth collecting: the radix takes this count
+                continue
+            above[count] += at_least_low - values.size
+            inside[count].append((start, values))
+    found = {}
+    for count in brackets:
+        cut = _cut_in_collected(count, total, above[count], inside[count])
+        if cut is not None:
+            found[count] = cut
+    return found
+
+
+def _cut_in_collected(count: int, total: int, above: int, inside: list[tuple[int, np.ndarray]]) -> TopCut | None:
+    """The cut from the values collected in its bracket (per chunk start) and the count above the bracket; None
+    when the cut is not among them."""
     collected = np.concatenate([values for _, values in inside])
     within = count - above  # the cut is the within-th largest collected value
     if not 0 < within <= collected.size:
@@ -156,28 +205,39 @@ def _cut_in_bracket(count: int, total: int, chunks: MagnitudeChunks, sample: np.
     return TopCut(count, total, float(value), count - greater, tied_before, tied_within)
 
 
-def _cut_in_memory(count: int, total: int, magnitudes: torch.Tensor, workspace: torch.Tensor | None) -> TopCut:
-    split = total - count
+def _cuts_in_memory(
+    counts: list[int], total: int, magnitudes: torch.Tensor, workspace: torch.Tensor | None
+) -> list[TopCut]:
     if magnitudes.device.type != "cpu":  # on an accelerator: its own selection, no copy to the host
-        value = float(torch.kthvalue(magnitudes.reshape(-1), split + 1).values)
-        tied = int((magnitudes == value).sum())
-        above = int((magnitudes > value).sum())
-        if value == 0 or above + tied == count:
-            return TopCut(count, total, value)
-        return TopCut(count, total, value, count - above, {0: 0}, {0: tied})
+        cuts = []
+        for count in counts:
+            value = float(torch.kthvalue(magnitudes.reshape(-1), total - count + 1).values)
+            tied = int((magnitudes == value).sum())
+            above = int((magnitudes > value).sum())
+            if value == 0 or above + tied == count:
+                cuts.append(TopCut(count, total, value))
+            else:
+                cuts.append(TopCut(count, total, value, count - above, {0: 0}, {0: tied}))
+        return cuts
     values = magnitudes.reshape(-1).numpy()
+    splits = sorted({total - count for count in counts})  # [split] is the count-th largest
     if workspace is not None:  # partitioned in place in a buffer already resident: no fresh pages to fault in
         partitioned = workspace.reshape(-1)[:total].numpy()
         np.copyto(partitioned, values)
-        partitioned.partition(split)  # [split] is the count-th largest; left <= it <= right
+        partitioned.partition(splits)  # at each split: left <= it <= right
     else:
-        partitioned = np.partition(values, split)
-    value = partitioned[split]
-    if value == 0 or partitioned[:split].max() != value:  # zeros add nothing, whichever of them is kept
-        return TopCut(count, total, float(value))
-    above = int(np.count_nonzero(partitioned[split:] > value))
-    tied = int(np.count_nonzero(partitioned == value))
-    return TopCut(count, total, float(value), count - above, {0: 0}, {0: tied})
+        partitioned = np.partition(values, splits)
+    cuts = []
+    for count in counts:
+        split = total - count
+        value = partitioned[split]
+        if value == 0 or partitioned[:split].max() != value:  # zeros add nothing, whichever of them is kept
+            cuts.append(TopCut(count, total, float(value)))
+            continue
+        above = int(np.count_nonzero(partitioned[split:] > value))
+        tied = int(np.count_nonzero(partitioned == value))
+        cuts.append(TopCut(count, total, float(value), count - above, {0: 0}, {0: tied}))
+    return cuts
 
 
 _HIGH_BINS = 1 << 15  # the sign bit of a magnitude is 0: its top 16 bits are below 2^15
@@ -192,24 +252,39 @@ def _bin_of_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     return found, int(from_top[index]) - int(histogram[found])
 
 
-def _cut_by_radix(count: int, total: int, chunks: MagnitudeChunks) -> TopCut:
+def _cuts_by_radix(counts: list[int], total: int, chunks: MagnitudeChunks) -> list[TopCut]:
+    """Two histogram passes for every count (the top 16 bits, then the low 16 within each count's top bin), and a
+    third where a tie straddles a cut."""
     high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
     for _, magnitudes in chunks():
         bits = magnitudes.reshape(-1).view(torch.int32)
         high += torch.bincount((bits >> 16).cpu(), minlength=_HIGH_BINS)
-    high_bin, above_high = _bin_of_rank(high, count)
-    low = torch.zeros(_LOW_BINS, dtype=torch.int64)
+    high_bins = [_bin_of_rank(high, count) for count in counts]
+    low = {high_bin: torch.zeros(_LOW_BINS, dtype=torch.int64) for high_bin, _ in high_bins}
     for _, magnitudes in chunks():
         bits = magnitudes.reshape(-1).view(torch.int32)
-        in_bin = bits[(bits >> 16) == high_bin]
-        low += torch.bincount((in_bin & 0xFFFF).cpu(), minlength=_LOW_BINS)
-    low_bin, above_low = _bin_of_rank(low, count - above_high)
-    value = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
-    above, tied = above_high + above_low, int(low[low_bin])
-    if value == 0 or above + tied <= count:
-        return TopCut(count, total, value)
-    tied_before, tied_within, seen = {}, {}, 0
-    for start, magnitudes in chunks():  # a tie straddles the cut: where the tied elements lie decides which stay
-        tied_before[start], tied_within[start] = seen, int((magnitudes == value).sum())
-        seen += tied_within[start]
-    return TopCut(count, total, value, count - above, tied_before, tied_within)
+        top = bits >> 16
+        for high_bin, histogram in low.items():
+            histogram += torch.bincount((bits[top == high_bin] & 0xFFFF).cpu(), minlength=_LOW_BINS)
+    cuts, straddling = [], {}
+    for count, (high_bin, above_high) in zip(counts, high_bins, strict=True):
+        low_bin, above_low = _bin_of_rank(low[high_bin], count - above_high)
+        value = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
+        above, tied = above_high + above_low, int(low[high_bin][low_bin])
+        cuts.append(TopCut(count, total, value))
+        if value != 0 and above + tied > count:
+            straddling[count] = (value, above)
+    if straddling:  # a tie straddles a cut: where the tied elements lie decides which stay
+        values = {value for value, _ in straddling.values()}
+        tied_within: dict[float, dict[int, int]] = {value: {} for value in values}
+        for start, magnitudes in chunks():
+            for value in values:
+                tied_within[value][start] = int((magnitudes == value).sum())
+        for index, count in enumerate(counts):
+            if count in straddling:
+                value, above = straddling[count]
+                within, before, seen = tied_within[value], {}, 0
+                for start, tied in within.items():
+                    before[start], seen = seen, seen + tied
+                cuts[index] = TopCut(count, total, value, count - above, before, dict(within))
+    return cuts

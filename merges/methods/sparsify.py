@@ -30,7 +30,7 @@ def _magnitude(
 ) -> torch.Tensor:
     count = max(1, int(density * inputs.numel))
     out = inputs.scratch(buffer)
-    cut = inputs.top_cut(model, count, _magnitudes_if_whole(inputs, task_vector, out))
+    (cut,) = inputs.top_cuts(model, [count], _magnitudes_if_whole(inputs, task_vector, out))
     return cut.sparsify(task_vector, inputs.start, out=out)
 
 
@@ -49,8 +49,7 @@ def _breadcrumbs(
     smallest = max(0, total - keep - outliers)
     magnitudes = _magnitudes_if_whole(inputs, task_vector, inputs.scratch(buffer))
     # Keep ascending ranks [smallest, smallest + keep): the top (total - smallest) minus the top outliers.
-    kept = inputs.top_cut(model, total - smallest, magnitudes)
-    dropped = inputs.top_cut(model, total - smallest - keep, magnitudes)
+    kept, dropped = inputs.top_cuts(model, [total - smallest, total - smallest - keep], magnitudes)
     if inputs.whole and (kept.straddles or dropped.straddles):
         # A magnitude tie straddles a cut (rare): which tied element stays is the order of mergekit's ascending
         # torch.sort, which no threshold reproduces, so take that sort here. (A tensor seen in chunks keeps the

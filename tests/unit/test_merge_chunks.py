@@ -115,6 +115,37 @@ def test_cuts_keep_exactly_the_largest_with_ties_to_the_earliest(chunk_rows, lev
         assert torch.equal(got[nonzero], expected[nonzero]), (count, chunk_rows)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7])
+@pytest.mark.parametrize("levels", [3, 100000])
+def test_one_selection_of_several_counts_gives_each_count_its_own_cut(monkeypatch, chunk_rows, levels, sampled):
+    from safemerge.merges.methods import selection
+
+    if sampled and chunk_rows is None:
+        pytest.skip("a tensor in one chunk is cut in memory")
+    generator = torch.Generator().manual_seed(levels)
+    magnitudes = torch.randint(0, levels, (200, 13), generator=generator).float() * 0.37
+    flat, total, row = magnitudes.reshape(-1), magnitudes.numel(), magnitudes.shape[1]
+    ranges = [(first * row, min(first + (chunk_rows or 200), 200) * row) for first in range(0, 200, chunk_rows or 200)]
+    passes = []
+
+    def chunks():
+        passes.append(1)
+        return ((start, flat[start:end]) for start, end in ranges)
+
+    single = magnitudes if chunk_rows is None else None
+    sample = np.sort(flat[:: total // 400].numpy()) if sampled else None
+    counts = [0, 1, 17, 1300, 2599, 2600, 3000, 17, 1950]
+    cuts = selection.top_cuts(counts, total, chunks, single=single, sample=sample)
+    together = len(passes)
+    for count, cut in zip(counts, cuts, strict=True):
+        passes.clear()
+        assert cut == top_cut(count, total, chunks, single=single, sample=sample), count
+    # The passes of one count serve them all: a bracket pass, then two radix histograms and a ties pass for the
+    # counts it missed (few levels make the brackets single values).
+    assert together <= 4
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 1, 3, 7])
 @pytest.mark.parametrize("levels", [3, 50, 100000])
 def test_a_cut_sparsifies_as_its_mask_times_the_vector(chunk_rows, levels):
@@ -237,6 +268,23 @@ def test_a_merge_in_small_chunks_is_the_merge_of_whole_tensors(engines, method, 
             assert torch.equal(got[name], tensor), name
 
 
+def test_a_large_tensor_in_one_chunk_is_cut_through_a_sampled_bracket(monkeypatch):
+    from safemerge.merges.methods import selection
+
+    def no_partition(*_):
+        raise AssertionError("the bracket missed the cut and fell back to partitioning the tensor")
+
+    monkeypatch.setattr(selection, "_cuts_in_memory", no_partition)
+    generator = torch.Generator().manual_seed(11)
+    magnitudes = torch.randint(0, 20000, (2000, 50), generator=generator).float() * 0.37  # ties, and zeros
+    counts = [1, 1000, 50000, 99999, 50000]
+    cuts = selection.top_cuts(counts, magnitudes.numel(), lambda: iter(()), single=magnitudes)
+    for count, cut in zip(counts, cuts, strict=True):
+        mask = cut.mask(magnitudes, 0, torch.empty_like(magnitudes))
+        nonzero = magnitudes != 0
+        assert torch.equal(mask[nonzero], brute_force_top(magnitudes, count)[nonzero]), count
+
+
 @pytest.mark.parametrize("count", [1, 1000, 50000, 99999])
 def test_a_sampled_bracket_finds_the_exact_cut_in_one_pass(monkeypatch, count):
     from safemerge.merges.methods import selection
@@ -244,7 +292,7 @@ def test_a_sampled_bracket_finds_the_exact_cut_in_one_pass(monkeypatch, count):
     def no_radix(*_):
         raise AssertionError("the bracket missed the cut and fell back to the radix select")
 
-    monkeypatch.setattr(selection, "_cut_by_radix", no_radix)
+    monkeypatch.setattr(selection, "_cuts_by_radix", no_radix)
     generator = torch.Generator().manual_seed(count)
     magnitudes = torch.randint(0, 20000, (2000, 50), generator=generator).float() * 0.37  # ties, and zeros
     flat, total = magnitudes.reshape(-1), magnitudes.numel()
