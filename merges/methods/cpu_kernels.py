@@ -218,6 +218,40 @@ def ram(base: np.ndarray, deltas: list[np.ndarray], scales: list[float], epsilon
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
+def _variance(d0, d1, d2, d3, models, out):  # noqa: ANN001
+    # Welford's update, as torch.var's CPU kernel runs it, written out per model count (a branch the loop does not
+    # take per element, so it vectorizes).
+    for i in range(out.size):
+        mean, value = np.float64(d0[i]), np.float64(d1[i])
+        delta = value - mean
+        mean += delta / 2.0
+        m2 = delta * (value - mean)
+        if models >= 3:
+            value = np.float64(d2[i])
+            delta = value - mean
+            mean += delta / 3.0
+            m2 += delta * (value - mean)
+        if models >= 4:
+            value = np.float64(d3[i])
+            delta = value - mean
+            mean += delta / 4.0
+            m2 += delta * (value - mean)
+        out[i] = np.float32(m2 / models)
+
+
+def variance(vectors: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """out (flat float32) = the population variance across the flat float32 `vectors` (at most FUSED_VECTORS),
+    element by element: torch.var(stack, dim=0, unbiased=False) bit for bit, Welford's update in float64."""
+    padded = [*vectors, *[vectors[0]] * (FUSED_VECTORS - len(vectors))]
+
+    def loop(first: int, last: int) -> None:
+        _variance(*(vector[first:last] for vector in padded), len(vectors), out[first:last])
+
+    in_parts(out.size, loop)
+    return out
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _bracket(magnitudes, low, high, out):  # noqa: ANN001
     # Branch-free compaction: every value is written at the next free slot, which advances only when it is kept.
     at_least_low, kept = 0, 0

@@ -152,9 +152,14 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
 
 def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
     """torch.var(dim=0, unbiased=False) of the stacked task vectors, bit for bit (Welford's update in float64, as
-    torch's CPU kernel runs it), but as whole-chunk operations: torch.var over a dim of 2-3 models is about 25x
-    slower."""
+    torch's CPU kernel runs it), in a scratch buffer: on the CPU one compiled pass, elsewhere whole-chunk torch
+    operations (torch.var over a dim of 2-3 models is about 25x slower)."""
     vectors = [inputs.tensors[inputs.slot(model)] for model in models]
+    out = inputs.scratch(_SIDE + 2)  # a chunk's variance is used up before the next chunk's is asked for
+    if len(vectors) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(*vectors, out):  # one compiled pass
+        flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+        cpu_kernels.variance([flat(vector) for vector in vectors], flat(out))
+        return out
     mean = vectors[0].double()
     m2 = torch.zeros_like(mean)
     for count, vector in enumerate(vectors[1:], start=2):

@@ -333,12 +333,12 @@ def test_the_compiled_sign_election_is_the_torch_ops_election(engines, monkeypat
     assert not torch.equal(fused["model.embed_tokens.weight"], chunked.base_tensor("model.embed_tokens.weight"))
 
 
-COMPILED = ("dare_linear", "dare_ties", "della", "della_linear", "ram", "ramplus_tl")
+COMPILED = ("dare_linear", "dare_ties", "della", "della_linear", "ram", "ramplus_tl", "sce")
 
 
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("method", COMPILED)
-def test_the_compiled_drops_and_ram_merge_are_the_torch_ops(engines, monkeypatch, method, rescale):
+def test_the_compiled_drops_ram_and_variance_are_the_torch_ops(engines, monkeypatch, method, rescale):
     from safemerge.merges.methods import cpu_kernels
 
     raw = recipe_for(method, rescale)
@@ -347,7 +347,7 @@ def test_the_compiled_drops_and_ram_merge_are_the_torch_ops(engines, monkeypatch
     recipe = parse_recipe(raw)
     for engine in engines:  # whole tensors, and tensors in chunks (which a rescale passes over twice)
         calls = []
-        for name in ("keep_values", "della_keep", "ram"):
+        for name in ("keep_values", "della_keep", "ram", "variance"):
             kernel = getattr(cpu_kernels, name)
             counted = lambda *args, kernel=kernel, calls=calls: calls.append(1) or kernel(*args)  # noqa: E731
             monkeypatch.setattr(cpu_kernels, name, counted)
@@ -360,6 +360,17 @@ def test_the_compiled_drops_and_ram_merge_are_the_torch_ops(engines, monkeypatch
             # The same draws and float32 operations; the election's torch ops may fuse a multiply-add.
             torch.testing.assert_close(compiled[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
         assert not torch.equal(compiled["model.embed_tokens.weight"], engine.base_tensor("model.embed_tokens.weight"))
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 4])
+def test_the_compiled_variance_is_torch_var_bit_for_bit(models):
+    from safemerge.merges.methods.cpu_kernels import variance
+
+    generator = torch.Generator().manual_seed(models)
+    vectors = [torch.randn(100_003, generator=generator) * 10.0**-exponent for exponent in range(models)]
+    out = torch.empty(100_003)
+    variance([vector.numpy() for vector in vectors], out.numpy())
+    assert torch.equal(out, torch.var(torch.stack(vectors), dim=0, unbiased=False))
 
 
 def test_a_count_vote_election_is_the_torch_ops_election():
