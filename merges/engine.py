@@ -509,7 +509,7 @@ class _TensorStatistics:
             self._cuts.update(((model, count), cut) for count, cut in zip(missing, cuts, strict=True))
         return [self._cuts[model, count] for count in counts]
 
-    def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
+    def sparsified_l1(self, model: str, chunk_l1: Callable[[TensorInputs], float]) -> float:
         if model not in self._l1:
             slot = self.engine.basis.index(model)
             total = 0.0
@@ -517,7 +517,7 @@ class _TensorStatistics:
             try:
                 for start, tensors in self._side_chunks([slot]):
                     inputs = self.engine._inputs(self.recipe, self.name, start, tensors, self)
-                    total += chunked_l1(sparsify(inputs))
+                    total += chunk_l1(inputs)
             finally:
                 self._recording = False
             self._l1[model] = total

@@ -46,7 +46,7 @@ class TensorStatistics(Protocol):
 
     def top_cuts(self, model: str, counts: Sequence[int], magnitudes: torch.Tensor) -> list[TopCut]: ...
 
-    def sparsified_l1(self, model: str, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float: ...
+    def sparsified_l1(self, model: str, chunk_l1: Callable[[TensorInputs], float]) -> float: ...
 
     def gram_along(self, dim: int) -> torch.Tensor: ...
 
@@ -96,9 +96,10 @@ class TensorInputs:
         several chunks with rescaling needs it twice (its L1 pass, then its merge pass)."""
         return draw(buffer) if self.whole else self.statistics.random_mask(model, self.start, draw, buffer)
 
-    def sparsified_l1(self, model: str, delta: torch.Tensor, sparsify: Callable[[TensorInputs], torch.Tensor]) -> float:
-        """L1 norm over the whole tensor of `sparsify` (this chunk's result: `delta`)."""
-        return chunked_l1(delta) if self.whole else self.statistics.sparsified_l1(model, sparsify)
+    def sparsified_l1(self, model: str, delta: torch.Tensor, chunk_l1: Callable[[TensorInputs], float]) -> float:
+        """L1 norm over the whole tensor of a sparsified task vector: this chunk's result `delta` where the chunk
+        is the whole tensor, else the sum of chunk_l1(chunk), the L1 norm of each chunk's."""
+        return chunked_l1(delta) if self.whole else self.statistics.sparsified_l1(model, chunk_l1)
 
     def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor:
         """compute(chunk) summed over the whole tensor's chunks, in float64 on the CPU: a recipe-dependent figure

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from safemerge.merges.methods import cpu_kernels
-from safemerge.merges.methods.inputs import TensorInputs
+from safemerge.merges.methods.inputs import TensorInputs, chunked_l1
 
 # Each sparsifier returns the masked task vector in a scratch buffer. It is called only for density < 1: at
 # density 1 nothing is dropped and the caller keeps the task vector itself.
@@ -93,6 +93,17 @@ def _della(
         return torch.lt(inputs.fill_uniform(model, out), probability.view(out.shape), out=out)
 
     return inputs.random_mask(model, draw, inputs.scratch(buffer)).mul_(task_vector)
+
+
+def sparsified_l1(
+    inputs: TensorInputs, model: str, task_vector: torch.Tensor, sparsification: Sparsification, **values: Any
+) -> float:
+    """The L1 norm of this chunk's sparsified task vector (its rescale's pass over a tensor in chunks): DARE's on
+    the CPU in one compiled pass that writes nothing, the others from the sparsifier's result."""
+    if sparsification == Sparsification.random and cpu_kernels.compiled(task_vector):
+        flat = task_vector.view(-1).numpy()
+        return cpu_kernels.kept_l1(flat, values["density"], inputs.stream(model), inputs.start)
+    return chunked_l1(SPARSIFIERS[sparsification](inputs, model, task_vector, **values))
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.inputs import DENSITIES, WEIGHTS, Param, TensorInputs, combine
-from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification
+from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification, sparsified_l1
 
 
 class Consensus(StrEnum):
@@ -78,9 +78,9 @@ class TaskArithmetic:
             factor = 1.0
             if shared.get("rescale") and delta is not task_vector:
 
-                def sparsified(chunk: TensorInputs, model=model, values=values, index=index) -> torch.Tensor:
+                def sparsified(chunk: TensorInputs, model=model, values=values, index=index) -> float:
                     vector = chunk.tensors[chunk.slot(model)]
-                    return sparsify(chunk, model, vector, buffer=2 * index + 4, **values)
+                    return sparsified_l1(chunk, model, vector, self.sparsification, buffer=2 * index + 4, **values)
 
                 before, after = inputs.l1[inputs.slot(model)], inputs.sparsified_l1(model, delta, sparsified)
                 factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0

@@ -362,6 +362,19 @@ def test_the_compiled_drops_ram_and_variance_are_the_torch_ops(engines, monkeypa
         assert not torch.equal(compiled["model.embed_tokens.weight"], engine.base_tensor("model.embed_tokens.weight"))
 
 
+@pytest.mark.parametrize("start", [0, 12_345])
+def test_the_kept_l1_is_the_l1_of_the_kept_values(start):
+    from safemerge.merges.methods.cpu_kernels import keep_values, kept_l1
+    from safemerge.merges.methods.inputs import chunked_l1
+
+    values = torch.randn(300_007, generator=torch.Generator().manual_seed(3))
+    kept = torch.empty_like(values)
+    keep_values(values.numpy(), 0.3, 99, start, kept.numpy())
+    expected = chunked_l1(kept)
+    assert 0.25 * chunked_l1(values) < expected < 0.35 * chunked_l1(values)
+    assert kept_l1(values.numpy(), 0.3, 99, start) == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("models", [1, 2, 3, 4])
 def test_the_compiled_variance_is_torch_var_bit_for_bit(models):
     from safemerge.merges.methods.cpu_kernels import variance
