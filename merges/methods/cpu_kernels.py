@@ -275,6 +275,71 @@ def variance(vectors: list[np.ndarray], out: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
+def _sce_merge(base, d0, d1, d2, d3, active, selected, weights, floor, out):  # noqa: ANN001
+    zero, one = np.float32(0.0), np.float32(1.0)
+    a1, a2, a3 = active[1], active[2], active[3]
+    w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
+    for i in range(out.size):
+        keep = selected[i] != zero  # an unselected element, or a model beyond the count, is a zero change
+        x0 = d0[i] if keep else zero
+        x1 = d1[i] if keep and a1 else zero
+        x2 = d2[i] if keep and a2 else zero
+        x3 = d3[i] if keep and a3 else zero
+        majority = one if ((x0 + x1) + x2) + x3 >= zero else -one
+        # A change agrees where its sign is the majority's (zero never does) and then counts with its weight.
+        e0 = w0 if np.sign(x0) == majority else zero
+        e1 = w1 if np.sign(x1) == majority else zero
+        e2 = w2 if np.sign(x2) == majority else zero
+        e3 = w3 if np.sign(x3) == majority else zero
+        mixed = ((x0 * e0 + x1 * e1) + x2 * e2) + x3 * e3
+        divisor = ((e0 + e1) + e2) + e3
+        out[i] = base[i] + mixed / max(divisor, floor)
+
+
+def sce_merge(
+    base: np.ndarray, deltas: list[np.ndarray], selected: np.ndarray, weights: list[float], out: np.ndarray
+) -> np.ndarray:
+    """SCE's merge in one pass (flat float32 arrays, at most FUSED_VECTORS task vectors): the deltas where
+    `selected` is non-zero, their majority sign (of their sum), and out = base + the weighted mean of the deltas
+    that agree with it (weights over the agreeing weights, at least 1e-6). The float32 arithmetic of the torch ops
+    in merges/methods/elementwise.py, in their order."""
+    padding = FUSED_VECTORS - len(deltas)
+    vectors = [*deltas, *[deltas[0]] * padding]
+    active = np.array([True] * len(deltas) + [False] * padding)
+    weight_array = np.array([*weights, *[0.0] * padding], dtype=np.float32)
+
+    def loop(first: int, last: int) -> None:
+        parts = [vector[first:last] for vector in vectors]
+        floor = np.float32(1e-6)
+        _sce_merge(base[first:last], *parts, active, selected[first:last], weight_array, floor, out[first:last])
+
+    in_parts(out.size, loop)
+    return out
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _masked_squares(values: np.ndarray, mask: np.ndarray) -> float:
+    # reassoc lets the float64 sum vectorize: a sum of squares is accurate to ~1e-15 relative in any order.
+    total, zero = 0.0, np.float32(0.0)
+    for i in range(values.size):
+        value = np.float64(values[i])
+        total += value * value if mask[i] != zero else 0.0
+    return total
+
+
+def masked_squares(deltas: list[np.ndarray], mask: np.ndarray) -> list[float]:
+    """For each flat float32 delta, the sum in float64 of its squares where `mask` is non-zero: SCE's weights
+    of a tensor in chunks, one pass per delta that writes nothing."""
+    sums = []
+    for delta in deltas:
+        parts = in_parts(
+            delta.size, lambda first, last, delta=delta: _masked_squares(delta[first:last], mask[first:last])
+        )
+        sums.append(sum(total for _, total in parts))
+    return sums
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _bracket(magnitudes, low, high, out):  # noqa: ANN001
     # Branch-free compaction: every value is written at the next free slot, which advances only when it is kept.
     at_least_low, kept = 0, 0

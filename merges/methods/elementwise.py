@@ -170,40 +170,55 @@ def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
     return (m2 / len(vectors)).float()
 
 
-def _sce_selected(inputs: TensorInputs, models: list[str], share: float) -> torch.Tensor:
-    """The task vectors with only the `share` of elements of highest variance across models kept (SCE's select)."""
-    task_vectors = _stacked_task_vectors(inputs, models)
-    if share >= 1:
-        return task_vectors
-    if share <= 0:
-        return torch.zeros_like(task_vectors)
+def _sce_mask(inputs: TensorInputs, models: list[str], share: float) -> torch.Tensor:
+    """1.0 where an element is among the `share` of elements of highest variance across models (SCE's select),
+    else 0.0, in the chunk's variance buffer."""
+    if share >= 1 or share <= 0:
+        return inputs.scratch(_SIDE + 2).fill_(1.0 if share >= 1 else 0.0)
     variance = _variance(inputs, models)
     nonzero = inputs.whole_sum("sce.nonzero", lambda chunk: torch.count_nonzero(_variance(chunk, models)))
     count = int(int(nonzero.round()) * share)
     if count == 0:
-        return torch.zeros_like(task_vectors)
+        return variance.zero_()
     (cut,) = inputs.cuts("sce.variance", [count], lambda chunk: _variance(chunk, models), variance)
-    return task_vectors * cut.mask(variance, inputs.start, out=variance).unsqueeze(0)
+    return cut.mask(variance, inputs.start, out=variance)
+
+
+def _sce_selected(inputs: TensorInputs, models: list[str], share: float) -> torch.Tensor:
+    """The stacked task vectors with only SCE's selected elements kept."""
+    return _stacked_task_vectors(inputs, models) * _sce_mask(inputs, models, share).unsqueeze(0)
 
 
 def sce(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
     """SCE: select the elements that vary most across models, weight each model by its mean squared (selected)
     task vector, erase the elements whose sign disagrees with the sum's, and average what is left."""
     models, share = list(per_model), shared["select_topk"]
-    task_vectors = _sce_selected(inputs, models, share)
-    sign_weight = task_vectors.sum(dim=0)
-    majority = (sign_weight >= 0).to(task_vectors.dtype) * 2 - 1
-    agrees = task_vectors.sign() == majority
+    vectors = [inputs.tensors[inputs.slot(model)] for model in models]
+    compiled = len(models) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(inputs.tensors[0], *vectors, out)
+    mask = _sce_mask(inputs, models, share)
+    task_vectors = None if compiled and not inputs.whole else _stacked_task_vectors(inputs, models) * mask
     if inputs.whole:
         weights = task_vectors.square().reshape(len(models), -1).mean(dim=1)
     else:
 
         def squares(chunk: TensorInputs) -> torch.Tensor:
+            if compiled:  # one pass per model that writes nothing
+                chunk_vectors = [chunk.tensors[chunk.slot(model)].view(-1).numpy() for model in models]
+                selected = _sce_mask(chunk, models, share).view(-1).numpy()
+                return torch.tensor(cpu_kernels.masked_squares(chunk_vectors, selected), dtype=torch.float64)
             return _sce_selected(chunk, models, share).double().square().reshape(len(models), -1).sum(dim=1)
 
         weights = (inputs.whole_sum("sce.squares", squares) / inputs.numel).float().to(out.device)
     weight_sum = float(weights.sum())
     weights = torch.ones_like(weights) / len(models) if abs(weight_sum) < 1e-6 else weights / weight_sum
+    if compiled:  # the vote, the agreement and the weighted mean in one pass
+        flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+        deltas = [flat(vector) for vector in vectors]
+        cpu_kernels.sce_merge(flat(inputs.tensors[0]), deltas, flat(mask), weights.tolist(), flat(out))
+        return out
+    sign_weight = task_vectors.sum(dim=0)
+    majority = (sign_weight >= 0).to(task_vectors.dtype) * 2 - 1
+    agrees = task_vectors.sign() == majority
     erased = weights.reshape(-1, *([1] * (task_vectors.dim() - 1))) * agrees
     merged = (task_vectors * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
     return torch.add(inputs.tensors[0], merged, out=out)
