@@ -76,13 +76,14 @@ def arcee_fusion(inputs: TensorInputs, shared: dict, per_model: dict[str, dict],
     base_model = shared["base_model"]
     importance = _importance(inputs, base_model, model)
     positions = (torch.tensor(_QUARTILES) * (inputs.numel - 1)).long().tolist()
-    if inputs.whole:
+    if inputs.whole and (min(positions) == 0 or float(importance.min()) < 0):  # a tiny tensor, or a negative KL
         q1, median, q3 = (torch.tensor(value) for value in ascending_values(importance, positions))
-    else:  # the (n - i)-th largest is the i-th smallest; a tiny negative KL (rounding) counts as 0 here
+    else:  # the (n - i)-th largest is the i-th smallest; a tiny negative KL (rounding) counts as 0 in chunks
         divergences: dict[int, torch.Tensor] = {}  # the side passes' row divergences: a float per row
         compute = lambda chunk: _importance(chunk, base_model, model, True, divergences)  # noqa: E731
-        counts = [inputs.numel - position for position in positions]  # each >= 1: a tensor in chunks is large
-        cuts = inputs.cuts("arcee_fusion", counts, compute, importance.clamp(min=0))
+        counts = [inputs.numel - position for position in positions]
+        values = importance if inputs.whole else importance.clamp(min=0)
+        cuts = inputs.cuts("arcee_fusion", counts, compute, values)
         q1, median, q3 = (torch.tensor(cut.value) for cut in cuts)
     threshold = median + 1.5 * (q3 - q1)
     keep = importance.ge_(threshold)
