@@ -69,6 +69,24 @@ def in_parts(size: int, work: Callable[[int, int], Result], unit: int = 1) -> li
     return list(zip(firsts, cpu_pool.map(lambda first: work(first, min(first + step, size)), firsts), strict=True))
 
 
+def _sliced(kernel: Callable[..., object], arrays: list[np.ndarray], *fixed: object) -> None:
+    """kernel(*(array[first:last] for array in arrays), *fixed) on the pool's consecutive parts of the arrays (all
+    of one length): the compiled loops take their per-element arrays first and their scalars after."""
+    in_parts(arrays[0].size, lambda first, last: kernel(*(array[first:last] for array in arrays), *fixed))
+
+
+def _slots(deltas: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The deltas in a compiled loop's FUSED_VECTORS slots, and which slots hold one: an unused slot repeats the
+    first delta (in cache, so it costs no memory traffic)."""
+    padding = FUSED_VECTORS - len(deltas)
+    return [*deltas, *[deltas[0]] * padding], np.array([True] * len(deltas) + [False] * padding)
+
+
+def _per_slot(values: list[float], fill: float = 0.0) -> np.ndarray:
+    """One float32 value per slot, `fill` in the unused ones."""
+    return np.array([*values, *[fill] * (FUSED_VECTORS - len(values))], dtype=np.float32)
+
+
 def uniform(out: np.ndarray, seed: int, start: int) -> None:
     """out (flat float32) = elements [start, start + size) of the stream `seed`, each k * 2**-24 for a uniform
     24-bit k: U[0, 1) exactly as fine as float32 holds it."""
@@ -142,7 +160,7 @@ FUSED_VECTORS = 4  # task vectors the fused election takes (unused slots repeat 
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _elect(base, d0, d1, d2, d3, terms, votes, signed, signs, weights, scale, floor, out):  # noqa: ANN001
+def _elect(base, d0, d1, d2, d3, out, terms, votes, signed, signs, weights, scale, floor):  # noqa: ANN001
     # Branch-free, so the loop vectorizes: a vector's vote is delta * votes[i] + sign(delta) * signed[i] (one of the
     # two is zero), and without normalize the weights are zero, so the divisor is `floor`, 1.
     zero, one = np.float32(0.0), np.float32(1.0)
@@ -181,29 +199,18 @@ def elect(
     the majority being the sign of the sum of coefficient * delta (or, with count_votes, of sign(weight * delta));
     with normalize the sum is divided by the agreeing weights. The same arithmetic as the torch ops of
     TaskArithmetic, in float32 and in the same order."""
-    padding = FUSED_VECTORS - len(deltas)
-    vectors = [*deltas, *[deltas[0]] * padding]  # a repeated vector costs no memory traffic: it is in cache
-    as_float32 = lambda values: np.array([*values, *[0.0] * padding], dtype=np.float32)  # noqa: E731
-    terms = as_float32(coefficients)
-    signs = as_float32(np.sign(weights))
-    votes, signed = (
-        (as_float32([0.0] * len(deltas)), signs) if count_votes else (terms, as_float32([0.0] * len(deltas)))
-    )
+    vectors, _ = _slots(deltas)
+    terms, signs, nothing = _per_slot(coefficients), _per_slot(np.sign(weights)), _per_slot([])
+    votes, signed = (nothing, signs) if count_votes else (terms, nothing)
     # Where nothing agreed mixed is 0: with positive weights mergekit clamps the divisor, else sets it to 1.
     floor = np.float32(1e-30 if normalize and all(weight > 0 for weight in weights) else 1.0)
-    weight_array = as_float32(weights) if normalize else as_float32([0.0] * len(deltas))
-    arguments = (terms, votes, signed, signs, weight_array, np.float32(scale), floor)
-
-    def loop(first: int, last: int) -> None:
-        parts = [vector[first:last] for vector in vectors]
-        _elect(base[first:last], *parts, *arguments, out[first:last])
-
-    in_parts(out.size, loop)
+    weight_array = _per_slot(weights) if normalize else nothing
+    _sliced(_elect, [base, *vectors, out], terms, votes, signed, signs, weight_array, np.float32(scale), floor)
     return out
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _ram(base, d0, d1, d2, d3, active, scales, epsilon, out):  # noqa: ANN001
+def _ram(base, d0, d1, d2, d3, out, active, scales, epsilon):  # noqa: ANN001
     zero = np.float32(0.0)
     a0, a1, a2, a3 = active[0], active[1], active[2], active[3]
     s0, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3]
@@ -227,21 +234,13 @@ def ram(base: np.ndarray, deltas: list[np.ndarray], scales: list[float], epsilon
     (|delta| > epsilon) by one model takes that change times the model's scale (1 for RAM, RAM+'s 1 + r * rho),
     one changed by several the mean of their changes; out = base + that. The float32 arithmetic of the torch ops
     in merges/methods/elementwise.py, in their order."""
-    padding = FUSED_VECTORS - len(deltas)
-    vectors = [*deltas, *[deltas[0]] * padding]
-    active = np.array([True] * len(deltas) + [False] * padding)
-    scale_array = np.array([*scales, *[1.0] * padding], dtype=np.float32)
-
-    def loop(first: int, last: int) -> None:
-        parts = [vector[first:last] for vector in vectors]
-        _ram(base[first:last], *parts, active, scale_array, np.float32(epsilon), out[first:last])
-
-    in_parts(out.size, loop)
+    vectors, active = _slots(deltas)
+    _sliced(_ram, [base, *vectors, out], active, _per_slot(scales, 1.0), np.float32(epsilon))
     return out
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _variance(d0, d1, d2, d3, models, out):  # noqa: ANN001
+def _variance(d0, d1, d2, d3, out, models):  # noqa: ANN001
     # Welford's update, as torch.var's CPU kernel runs it, written out per model count (a branch the loop does not
     # take per element, so it vectorizes).
     for i in range(out.size):
@@ -265,17 +264,12 @@ def _variance(d0, d1, d2, d3, models, out):  # noqa: ANN001
 def variance(vectors: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     """out (flat float32) = the population variance across the flat float32 `vectors` (at most FUSED_VECTORS),
     element by element: torch.var(stack, dim=0, unbiased=False) bit for bit, Welford's update in float64."""
-    padded = [*vectors, *[vectors[0]] * (FUSED_VECTORS - len(vectors))]
-
-    def loop(first: int, last: int) -> None:
-        _variance(*(vector[first:last] for vector in padded), len(vectors), out[first:last])
-
-    in_parts(out.size, loop)
+    _sliced(_variance, [*_slots(vectors)[0], out], len(vectors))
     return out
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _sce_merge(base, d0, d1, d2, d3, active, selected, weights, floor, out):  # noqa: ANN001
+def _sce_merge(base, d0, d1, d2, d3, selected, out, active, weights, floor):  # noqa: ANN001
     zero, one = np.float32(0.0), np.float32(1.0)
     a1, a2, a3 = active[1], active[2], active[3]
     w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
@@ -303,17 +297,8 @@ def sce_merge(
     `selected` is non-zero, their majority sign (of their sum), and out = base + the weighted mean of the deltas
     that agree with it (weights over the agreeing weights, at least 1e-6). The float32 arithmetic of the torch ops
     in merges/methods/elementwise.py, in their order."""
-    padding = FUSED_VECTORS - len(deltas)
-    vectors = [*deltas, *[deltas[0]] * padding]
-    active = np.array([True] * len(deltas) + [False] * padding)
-    weight_array = np.array([*weights, *[0.0] * padding], dtype=np.float32)
-
-    def loop(first: int, last: int) -> None:
-        parts = [vector[first:last] for vector in vectors]
-        floor = np.float32(1e-6)
-        _sce_merge(base[first:last], *parts, active, selected[first:last], weight_array, floor, out[first:last])
-
-    in_parts(out.size, loop)
+    vectors, active = _slots(deltas)
+    _sliced(_sce_merge, [base, *vectors, selected, out], active, _per_slot(weights), np.float32(1e-6))
     return out
 
 
