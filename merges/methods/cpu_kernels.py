@@ -240,6 +240,31 @@ def ram(base: np.ndarray, deltas: list[np.ndarray], scales: list[float], epsilon
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
+def _ram_counts(d0, d1, d2, d3, active, epsilon):  # noqa: ANN001
+    # Eight scalar sums rather than an indexed table, so the loop vectorizes.
+    s0 = s1 = s2 = s3 = u0 = u1 = u2 = u3 = np.int64(0)
+    for i in range(d0.size):
+        n0, n1 = active[0] & (abs(d0[i]) > epsilon), active[1] & (abs(d1[i]) > epsilon)
+        n2, n3 = active[2] & (abs(d2[i]) > epsilon), active[3] & (abs(d3[i]) > epsilon)
+        changed = np.int64(n0) + np.int64(n1) + np.int64(n2) + np.int64(n3)
+        shared, alone = np.int64(changed > 1), np.int64(changed == 1)  # shared with another model, or its own
+        s0, s1, s2, s3 = s0 + (n0 * shared), s1 + (n1 * shared), s2 + (n2 * shared), s3 + (n3 * shared)
+        u0, u1, u2, u3 = u0 + (n0 * alone), u1 + (n1 * alone), u2 + (n2 * alone), u3 + (n3 * alone)
+    return np.array([[s0, s1, s2, s3], [u0, u1, u2, u3]], dtype=np.int64)
+
+
+def ram_counts(deltas: list[np.ndarray], epsilon: float) -> np.ndarray:
+    """RAM+'s counts in one pass (flat float32 arrays, at most FUSED_VECTORS task vectors): [2, models] int64,
+    row 0 each model's changed elements (|delta| > epsilon) that another model also changes, row 1 those it
+    changes alone."""
+    vectors, active = _slots(deltas)
+    parts = in_parts(
+        vectors[0].size, lambda first, last: _ram_counts(*(v[first:last] for v in vectors), active, np.float32(epsilon))
+    )
+    return sum(counts for _, counts in parts)[:, : len(deltas)]
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _variance(d0, d1, d2, d3, out, models):  # noqa: ANN001
     # Welford's update, as torch.var's CPU kernel runs it, written out per model count (a branch the loop does not
     # take per element, so it vectorizes).

@@ -132,6 +132,9 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
     models, epsilon = list(per_model), shared["epsilon"]
 
     def counts_of(chunk: TensorInputs) -> torch.Tensor:
+        if _ram_compiled(chunk, models, out):  # one compiled pass that writes nothing
+            vectors = [chunk.tensors[chunk.slot(model)].view(-1).numpy() for model in models]
+            return torch.from_numpy(cpu_kernels.ram_counts(vectors, epsilon))
         nonzero, _, overlap, unique = _ram_masks(_stacked_task_vectors(chunk, models), epsilon)
         flat = lambda mask: mask.reshape(len(models), -1).sum(dim=1)  # noqa: E731
         return torch.stack([flat(nonzero & overlap), flat(nonzero & unique)])

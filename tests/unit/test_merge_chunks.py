@@ -347,7 +347,7 @@ def test_the_compiled_drops_ram_and_variance_are_the_torch_ops(engines, monkeypa
     recipe = parse_recipe(raw)
     for engine in engines:  # whole tensors, and tensors in chunks (which a rescale passes over twice)
         calls = []
-        for name in ("keep_values", "della_keep", "ram", "variance", "sce_merge", "masked_squares"):
+        for name in ("keep_values", "della_keep", "ram", "variance", "sce_merge", "masked_squares", "ram_counts"):
             kernel = getattr(cpu_kernels, name)
             counted = lambda *args, kernel=kernel, calls=calls: calls.append(1) or kernel(*args)  # noqa: E731
             monkeypatch.setattr(cpu_kernels, name, counted)
