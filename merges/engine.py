@@ -602,7 +602,7 @@ def fill_uniform(buffer: torch.Tensor, key: str, start: int = 0) -> torch.Tensor
     if buffer.device.type != "cpu":
         generator = torch.Generator(device=buffer.device).manual_seed(stream_seed(f"{key}@{start}" if start else key))
         return buffer.uniform_(generator=generator)
-    cpu_kernels.uniform(buffer.view(-1).numpy(), stream_seed(key), start)
+    cpu_kernels.uniform(cpu_kernels.flat(buffer), stream_seed(key), start)
     return buffer
 
 
@@ -612,5 +612,5 @@ def keep_mask(buffer: torch.Tensor, probability: float, key: str, start: int = 0
     below `probability`, in one pass that writes only the mask (DARE's per-trial cost is mostly this draw)."""
     if buffer.device.type != "cpu":
         return torch.lt(fill_uniform(buffer, key, start), probability, out=buffer)
-    cpu_kernels.keep(buffer.view(-1).numpy(), probability, stream_seed(key), start)
+    cpu_kernels.keep(cpu_kernels.flat(buffer), probability, stream_seed(key), start)
     return buffer

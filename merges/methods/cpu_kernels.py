@@ -156,6 +156,16 @@ def compiled(*tensors: torch.Tensor) -> bool:
     )
 
 
+def fusable(vectors: list[torch.Tensor], *others: torch.Tensor) -> bool:
+    """Whether a loop over several models' vectors takes them (at most FUSED_VECTORS, in its slots) with `others`."""
+    return len(vectors) <= FUSED_VECTORS and compiled(*vectors, *others)
+
+
+def flat(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor as the flat numpy array the compiled loops take (a view: no copy)."""
+    return tensor.view(-1).numpy()
+
+
 FUSED_VECTORS = 4  # task vectors the fused election takes (unused slots repeat the first with weight 0)
 
 

@@ -17,9 +17,14 @@ from safemerge.merges.methods.selection import ascending_values
 _SIDE = 40
 
 
+def _task_vectors(inputs: TensorInputs, models: list[str]) -> list[torch.Tensor]:
+    """The models' task vectors of this chunk, against the engine's base."""
+    return [inputs.tensors[inputs.slot(model)] for model in models]
+
+
 def _stacked_task_vectors(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
-    """[models, *chunk] task vectors against the engine's base, as mergekit stacks them."""
-    return torch.stack([inputs.tensors[inputs.slot(model)] for model in models])
+    """[models, *chunk] task vectors, as mergekit stacks them."""
+    return torch.stack(_task_vectors(inputs, models))
 
 
 def nearswap(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: torch.Tensor) -> torch.Tensor:
@@ -113,15 +118,14 @@ def ram(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: tor
 
 
 def _ram_compiled(inputs: TensorInputs, models: list[str], out: torch.Tensor) -> bool:
-    vectors = [inputs.tensors[inputs.slot(model)] for model in models]
-    return len(models) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(inputs.tensors[0], *vectors, out)
+    return cpu_kernels.fusable(_task_vectors(inputs, models), inputs.tensors[0], out)
 
 
 def _ram_in_one_pass(
     inputs: TensorInputs, models: list[str], scales: list[float], epsilon: float, out: torch.Tensor
 ) -> torch.Tensor:
-    flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
-    vectors = [flat(inputs.tensors[inputs.slot(model)]) for model in models]
+    flat = cpu_kernels.flat
+    vectors = [flat(vector) for vector in _task_vectors(inputs, models)]
     cpu_kernels.ram(flat(inputs.tensors[0]), vectors, scales, epsilon, flat(out))
     return out
 
@@ -132,9 +136,9 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
     models, epsilon = list(per_model), shared["epsilon"]
 
     def counts_of(chunk: TensorInputs) -> torch.Tensor:
-        if _ram_compiled(chunk, models, out):  # one compiled pass that writes nothing
-            vectors = [chunk.tensors[chunk.slot(model)].view(-1).numpy() for model in models]
-            return torch.from_numpy(cpu_kernels.ram_counts(vectors, epsilon))
+        vectors = _task_vectors(chunk, models)
+        if cpu_kernels.fusable(vectors):  # one compiled pass that writes nothing
+            return torch.from_numpy(cpu_kernels.ram_counts([cpu_kernels.flat(vector) for vector in vectors], epsilon))
         nonzero, _, overlap, unique = _ram_masks(_stacked_task_vectors(chunk, models), epsilon)
         flat = lambda mask: mask.reshape(len(models), -1).sum(dim=1)  # noqa: E731
         return torch.stack([flat(nonzero & overlap), flat(nonzero & unique)])
@@ -158,10 +162,10 @@ def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
     """torch.var(dim=0, unbiased=False) of the stacked task vectors, bit for bit (Welford's update in float64, as
     torch's CPU kernel runs it), in a scratch buffer: on the CPU one compiled pass, elsewhere whole-chunk torch
     operations (torch.var over a dim of 2-3 models is about 25x slower)."""
-    vectors = [inputs.tensors[inputs.slot(model)] for model in models]
+    vectors = _task_vectors(inputs, models)
     out = inputs.scratch(_SIDE + 2)  # a chunk's variance is used up before the next chunk's is asked for
-    if len(vectors) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(*vectors, out):  # one compiled pass
-        flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+    if cpu_kernels.fusable(vectors, out):  # one compiled pass
+        flat = cpu_kernels.flat
         cpu_kernels.variance([flat(vector) for vector in vectors], flat(out))
         return out
     mean = vectors[0].double()
@@ -197,8 +201,8 @@ def sce(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: tor
     """SCE: select the elements that vary most across models, weight each model by its mean squared (selected)
     task vector, erase the elements whose sign disagrees with the sum's, and average what is left."""
     models, share = list(per_model), shared["select_topk"]
-    vectors = [inputs.tensors[inputs.slot(model)] for model in models]
-    compiled = len(models) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(inputs.tensors[0], *vectors, out)
+    vectors = _task_vectors(inputs, models)
+    compiled = cpu_kernels.fusable(vectors, inputs.tensors[0], out)
     mask = _sce_mask(inputs, models, share)
     task_vectors = None if compiled and not inputs.whole else _stacked_task_vectors(inputs, models) * mask
     if inputs.whole:
@@ -207,8 +211,8 @@ def sce(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: tor
 
         def squares(chunk: TensorInputs) -> torch.Tensor:
             if compiled:  # one pass per model that writes nothing
-                chunk_vectors = [chunk.tensors[chunk.slot(model)].view(-1).numpy() for model in models]
-                selected = _sce_mask(chunk, models, share).view(-1).numpy()
+                chunk_vectors = [cpu_kernels.flat(vector) for vector in _task_vectors(chunk, models)]
+                selected = cpu_kernels.flat(_sce_mask(chunk, models, share))
                 return torch.tensor(cpu_kernels.masked_squares(chunk_vectors, selected), dtype=torch.float64)
             return _sce_selected(chunk, models, share).double().square().reshape(len(models), -1).sum(dim=1)
 
@@ -216,7 +220,7 @@ def sce(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], out: tor
     weight_sum = float(weights.sum())
     weights = torch.ones_like(weights) / len(models) if abs(weight_sum) < 1e-6 else weights / weight_sum
     if compiled:  # the vote, the agreement and the weighted mean in one pass
-        flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+        flat = cpu_kernels.flat
         deltas = [flat(vector) for vector in vectors]
         cpu_kernels.sce_merge(flat(inputs.tensors[0]), deltas, flat(mask), weights.tolist(), flat(out))
         return out

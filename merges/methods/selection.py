@@ -117,18 +117,6 @@ def top_cuts(
     return [found.get(count) or TopCut(count, total) for count in counts]
 
 
-def top_cut(
-    count: int,
-    total: int,
-    chunks: MagnitudeChunks,
-    single: torch.Tensor | None = None,
-    sample: np.ndarray | None = None,
-    workspace: torch.Tensor | None = None,
-) -> TopCut:
-    """The cut of the `count` largest of `total` non-negative finite magnitudes (top_cuts of one count)."""
-    return top_cuts([count], total, chunks, single, sample, workspace)[0]
-
-
 def ascending_values(values: torch.Tensor, positions: Sequence[int]) -> list[float]:
     """The values at ascending 0-based `positions` of a tensor (any sign), as a full sort would place them, by one
     selection: numpy's partition at every position at once on the CPU, kthvalue elsewhere."""

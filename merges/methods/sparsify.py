@@ -68,7 +68,7 @@ def _random(
 ) -> torch.Tensor:
     out = inputs.scratch(buffer)
     if cpu_kernels.compiled(task_vector, out):  # one compiled pass, drawn again (not recorded) where needed twice
-        flat = lambda tensor: tensor.view(-1).numpy()  # noqa: E731
+        flat = cpu_kernels.flat
         cpu_kernels.keep_values(flat(task_vector), density, inputs.stream(model), inputs.start, flat(out))
         return out
     draw = lambda mask: inputs.keep_mask(model, density, mask)  # noqa: E731
@@ -101,7 +101,7 @@ def sparsified_l1(
     """The L1 norm of this chunk's sparsified task vector (its rescale's pass over a tensor in chunks): DARE's on
     the CPU in one compiled pass that writes nothing, the others from the sparsifier's result."""
     if sparsification == Sparsification.random and cpu_kernels.compiled(task_vector):
-        flat = task_vector.view(-1).numpy()
+        flat = cpu_kernels.flat(task_vector)
         return cpu_kernels.kept_l1(flat, values["density"], inputs.stream(model), inputs.start)
     return chunked_l1(SPARSIFIERS[sparsification](inputs, model, task_vector, **values))
 

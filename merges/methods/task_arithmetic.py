@@ -96,7 +96,7 @@ class TaskArithmetic:
             return out
 
         if _fusable(inputs.tensors[0], [delta for delta, _, _ in deltas], out):
-            flat = lambda tensor: tensor.reshape(-1).numpy()  # noqa: E731
+            flat = cpu_kernels.flat
             cpu_kernels.elect(
                 flat(inputs.tensors[0]),
                 [flat(delta) for delta, _, _ in deltas],
@@ -148,4 +148,4 @@ class TaskArithmetic:
 def _fusable(base: torch.Tensor, deltas: list[torch.Tensor], out: torch.Tensor) -> bool:
     """Whether the sign election runs as one compiled pass (merges/methods/cpu_kernels.py): at most its number of
     task vectors, which the compiled loops take; elsewhere (a GPU) the torch ops below run it."""
-    return len(deltas) <= cpu_kernels.FUSED_VECTORS and cpu_kernels.compiled(base, *deltas, out)
+    return cpu_kernels.fusable(deltas, base, out)

@@ -20,9 +20,14 @@ from safemerge.merges.engine import (
 )
 from safemerge.merges.methods import METHODS
 from safemerge.merges.methods.cpu_kernels import della_keep, elect
-from safemerge.merges.methods.selection import sample_positions, top_cut
+from safemerge.merges.methods.selection import TopCut, sample_positions, top_cuts
 from safemerge.merges.recipe import parse_recipe
 from safemerge.zoo.random_family import LlamaShape, write_random_family
+
+
+def top_cut(count: int, total: int, chunks, **where) -> TopCut:  # noqa: ANN001
+    """The cut of one count, as the engine asks top_cuts for it."""
+    return top_cuts([count], total, chunks, **where)[0]
 
 
 def brute_force_top(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
@@ -118,9 +123,7 @@ def test_cuts_keep_exactly_the_largest_with_ties_to_the_earliest(chunk_rows, lev
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 7])
 @pytest.mark.parametrize("levels", [3, 100000])
-def test_one_selection_of_several_counts_gives_each_count_its_own_cut(monkeypatch, chunk_rows, levels, sampled):
-    from safemerge.merges.methods import selection
-
+def test_one_selection_of_several_counts_gives_each_count_its_own_cut(chunk_rows, levels, sampled):
     if sampled and chunk_rows is None:
         pytest.skip("a tensor in one chunk is cut in memory")
     generator = torch.Generator().manual_seed(levels)
@@ -136,7 +139,7 @@ def test_one_selection_of_several_counts_gives_each_count_its_own_cut(monkeypatc
     single = magnitudes if chunk_rows is None else None
     sample = np.sort(flat[:: total // 400].numpy()) if sampled else None
     counts = [0, 1, 17, 1300, 2599, 2600, 3000, 17, 1950]
-    cuts = selection.top_cuts(counts, total, chunks, single=single, sample=sample)
+    cuts = top_cuts(counts, total, chunks, single=single, sample=sample)
     together = len(passes)
     for count, cut in zip(counts, cuts, strict=True):
         passes.clear()
