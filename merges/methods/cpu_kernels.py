@@ -397,12 +397,14 @@ def _della_keys(vectors, keys):  # noqa: ANN001
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _della_draws(keys, probability, seed, start, out):  # noqa: ANN001
     rows, columns = keys.shape
+    draws = np.empty(columns, dtype=np.float32)
     for row in range(rows):
         first = start + row * columns
+        for column in range(columns):  # in column order, a loop that vectorizes; read back by rank below
+            draws[column] = np.float32(_draw(seed, first + column)) * _UNIT
         for position in range(columns):  # the element at ascending rank `position` of its row
             column = keys[row, position] & 0xFFFFFFFF
-            draw = np.float32(_draw(seed, first + column)) * _UNIT
-            out[row, column] = np.float32(draw < probability[position])
+            out[row, column] = np.float32(draws[column] < probability[position])
 
 
 def della_keep(

@@ -82,17 +82,25 @@ def test_della_ranks_each_row_by_magnitude_with_ties_by_column(shape, levels):
 
 
 @pytest.mark.parametrize("shape", [(7, 50), (1, 33), (40,), (300, 257)])
-@pytest.mark.parametrize("levels", [3, 100000, None])
-def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probability(shape, levels):
+@pytest.mark.parametrize("levels", [3, 100000, None, "zeros", "narrow"])
+@pytest.mark.parametrize("epsilon", [0.2, 0.0, -0.1])
+def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probability(shape, levels, epsilon):
     from safemerge.merges.methods.sparsify import _rank_norm
 
     generator = torch.Generator().manual_seed(7)
     if levels is None:
         values = torch.randn(shape, generator=generator)
+    elif levels == "zeros":  # an unchanged row: every magnitude tied, in one bucket
+        values = torch.zeros(shape)
+        values.view(-1)[::7] = torch.randn(values.view(-1)[::7].shape, generator=generator)
+        if values.dim() > 1:
+            values[: values.shape[0] // 2] = 0.0
+    elif levels == "narrow":  # distinct magnitudes all within one bucket of ranks
+        values = (1.0 + torch.rand(shape, generator=generator) * 0.01) * torch.randn(shape, generator=generator).sign()
     else:  # tied magnitudes, which rank by column
         values = torch.randint(-levels, levels, shape, generator=generator).float() / levels
     rows = values.reshape(1, -1) if values.dim() < 2 else values
-    density, epsilon, start = 0.6, 0.2, 1234
+    density, start = 0.6, 1234
     probability = _rank_norm(rows.abs(), torch.empty(rows.shape, dtype=torch.int64))
     probability.mul_(2 * epsilon).add_(density - epsilon)
     expected = (fill_uniform(torch.empty(rows.shape), "s/t/m", start) < probability).float()
