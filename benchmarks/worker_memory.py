@@ -41,6 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# The children import torch before safemerge, so safemerge's OpenMP setting (GOMP_SPINCOUNT, read when torch loads)
+# would not reach them: set here, it reaches both engines' children through the environment, as a worker has it.
+import safemerge  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 BASELINE_COMMIT = "86e1076"
 METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs_ties", "slerp")
