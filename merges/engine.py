@@ -136,6 +136,11 @@ class MergeEngine:
         )
         self._pools: dict[int, dict[int, torch.Tensor]] = {}
         self._samples: dict[tuple[str, int], np.ndarray] = {}  # (tensor, slot) -> ascending |task vector| sample
+        # Figures that depend on the weights alone, not on a recipe, kept across merges (arcee_fusion's quartiles, a
+        # few scalars per tensor, and its row divergences, a float per row): (tensor, key, count) -> cut and
+        # (tensor, key, chunk start) -> values.
+        self._lasting_cuts: dict[tuple[str, str, int], TopCut] = {}
+        self._lasting_values: dict[tuple[str, str, int], torch.Tensor] = {}
         if recipe is not None:
             self.plan(recipe)  # a recipe known up front is checked against the headers before any tensor is read
         try:
@@ -477,7 +482,7 @@ class _TensorStatistics:
         self.whole = len(engine._chunks[name]) == 1
         self._cuts: dict[tuple[str, int], TopCut] = {}
         self._sums: dict[str, torch.Tensor] = {}
-        self._value_cuts: dict[tuple[str, int], TopCut] = {}
+        self._value_cuts: dict[tuple[str, str, int], TopCut] = {}
         self._l1: dict[str, float] = {}
         self._grams: dict[int, torch.Tensor] = {}
         self._side_tensors: list[torch.Tensor] = []
@@ -533,9 +538,15 @@ class _TensorStatistics:
         return self._sums[key]
 
     def cuts(
-        self, key: str, counts: Sequence[int], compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+        self,
+        key: str,
+        counts: Sequence[int],
+        compute: Callable[[TensorInputs], torch.Tensor],
+        values: torch.Tensor,
+        lasting: bool = False,
     ) -> list[TopCut]:
-        missing = [count for count in counts if (key, count) not in self._value_cuts]
+        known: MutableMapping[tuple[str, str, int], TopCut] = self.engine._lasting_cuts if lasting else self._value_cuts
+        missing = [count for count in counts if (self.name, key, count) not in known]
         if missing:
 
             def chunks() -> Iterator[tuple[int, torch.Tensor]]:
@@ -544,8 +555,14 @@ class _TensorStatistics:
 
             single = values if self.whole else None
             cuts = top_cuts(missing, self.total, chunks, single=single)
-            self._value_cuts.update(((key, count), cut) for count, cut in zip(missing, cuts, strict=True))
-        return [self._value_cuts[key, count] for count in counts]
+            known.update(((self.name, key, count), cut) for count, cut in zip(missing, cuts, strict=True))
+        return [known[self.name, key, count] for count in counts]
+
+    def lasting(self, key: str, start: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        known = self.engine._lasting_values
+        if (self.name, key, start) not in known:
+            known[self.name, key, start] = compute()
+        return known[self.name, key, start]
 
     def random_mask(
         self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor

@@ -47,23 +47,12 @@ def _divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
-def _importance(
-    inputs: TensorInputs,
-    base_model: str,
-    model: str,
-    non_negative: bool = False,
-    divergences: dict[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """arcee_fusion's importance: |b - a| times the KL divergence of the rows' softmaxes. `divergences` keeps each
-    chunk's row divergences (by chunk start) for the passes that visit the chunk again."""
+def _importance(inputs: TensorInputs, base_model: str, model: str, non_negative: bool = False) -> torch.Tensor:
+    """arcee_fusion's importance: |b - a| times the KL divergence of the rows' softmaxes. The divergences (a float
+    per row, of the two models' weights alone) are computed once for as long as the engine lives."""
     base = inputs.read(base_model, inputs.scratch(_SIDE))
     other = inputs.read(model, inputs.scratch(_SIDE + 1))
-    if divergences is None:
-        divergence = _divergence(base, other)
-    else:
-        if inputs.start not in divergences:
-            divergences[inputs.start] = _divergence(base, other)
-        divergence = divergences[inputs.start]
+    divergence = inputs.lasting(f"arcee_fusion.divergence/{base_model}/{model}", lambda: _divergence(base, other))
     importance = (other - base).abs_().mul_(divergence)
     return importance.clamp_(min=0) if non_negative else importance
 
@@ -84,11 +73,11 @@ def arcee_fusion(inputs: TensorInputs, shared: dict, per_model: dict[str, dict],
     if inputs.whole and (min(positions) == 0 or float(importance.min()) < 0):  # a tiny tensor, or a negative KL
         q1, median, q3 = (torch.tensor(value) for value in ascending_values(importance, positions))
     else:  # the (n - i)-th largest is the i-th smallest; a tiny negative KL (rounding) counts as 0 in chunks
-        divergences: dict[int, torch.Tensor] = {}  # the side passes' row divergences: a float per row
-        compute = lambda chunk: _importance(chunk, base_model, model, True, divergences)  # noqa: E731
+        compute = lambda chunk: _importance(chunk, base_model, model, True)  # noqa: E731
         counts = [inputs.numel - position for position in positions]
         values = importance if inputs.whole else importance.clamp(min=0)
-        cuts = inputs.cuts("arcee_fusion", counts, compute, values)
+        # The importances depend on the two models' weights alone: their quartiles serve every later merge.
+        cuts = inputs.cuts(f"arcee_fusion/{base_model}/{model}", counts, compute, values, lasting=True)
         q1, median, q3 = (torch.tensor(cut.value) for cut in cuts)
     threshold = median + 1.5 * (q3 - q1)
     keep = importance.ge_(threshold)

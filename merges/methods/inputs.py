@@ -57,8 +57,15 @@ class TensorStatistics(Protocol):
     def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor: ...
 
     def cuts(
-        self, key: str, counts: Sequence[int], compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+        self,
+        key: str,
+        counts: Sequence[int],
+        compute: Callable[[TensorInputs], torch.Tensor],
+        values: torch.Tensor,
+        lasting: bool = False,
     ) -> list[TopCut]: ...
+
+    def lasting(self, key: str, start: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -108,11 +115,23 @@ class TensorInputs:
         return compute(self).double().cpu() if self.whole else self.statistics.whole_sum(key, compute)
 
     def cuts(
-        self, key: str, counts: Sequence[int], compute: Callable[[TensorInputs], torch.Tensor], values: torch.Tensor
+        self,
+        key: str,
+        counts: Sequence[int],
+        compute: Callable[[TensorInputs], torch.Tensor],
+        values: torch.Tensor,
+        lasting: bool = False,
     ) -> list[TopCut]:
         """For each count, the `count` largest over the whole tensor of the non-negative values compute(chunk) gives
-        (`values`: this chunk's, computed by the caller), once per tensor and merge under `key`."""
-        return self.statistics.cuts(key, counts, compute, values)
+        (`values`: this chunk's, computed by the caller), once per tensor and merge under `key`; `lasting`: once per
+        tensor for as long as the engine lives, for values that depend on the models' weights alone, never on the
+        recipe (`key` then names every model they depend on)."""
+        return self.statistics.cuts(key, counts, compute, values, lasting)
+
+    def lasting(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute() for this chunk, kept by the engine for as long as it lives: for a few figures per row at most,
+        that depend on the models' weights alone, never on the recipe (`key` names every model they depend on)."""
+        return self.statistics.lasting(key, self.start, compute)
 
     def origin(self, shared: dict) -> torch.Tensor:
         """The recipe's base model as basis coefficients (zero when the recipe has no base)."""

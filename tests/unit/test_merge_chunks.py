@@ -414,3 +414,27 @@ def test_a_count_vote_election_is_the_torch_ops_election():
     divisor = sum(a * w for a, w in zip(agrees, weights, strict=True))
     expected = base + 0.8 * mixed / torch.where(divisor == 0, torch.ones(()), divisor)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 500])
+def test_arcee_fusions_kept_figures_belong_to_the_model_pair_merged(tmp_path, chunk_elements):
+    """arcee_fusion keeps each tensor's quartiles and row divergences across merges (they depend on the weights
+    alone): merging one expert, the other, then the first again gives each time what a fresh engine gives."""
+    family = write_random_family(tmp_path, SHAPE, ("aligned", "medical"))
+    experts = {name: family[name] for name in ("aligned", "medical")}
+    sizes = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    engine = MergeEngine(family["base"], experts, device="cpu", **sizes)
+
+    def recipe(model: str):  # noqa: ANN202
+        return parse_recipe({"merge_method": "arcee_fusion", "base_model": "base", "models": [{"model": model}]})
+
+    merged = {model: engine.merge(recipe(model)) for model in ("aligned", "medical")}
+    again = engine.merge(recipe("aligned"))
+    assert engine._lasting_cuts and engine._lasting_values, "nothing was kept across merges"
+    for model in ("aligned", "medical"):
+        fresh = MergeEngine(family["base"], experts, device="cpu", **sizes).merge(recipe(model))
+        for name, tensor in fresh.items():
+            assert torch.equal(merged[model][name], tensor), (model, name)
+            if model == "aligned":
+                assert torch.equal(again[name], tensor), name
+    assert any(not torch.equal(merged["aligned"][name], merged["medical"][name]) for name in fresh)
