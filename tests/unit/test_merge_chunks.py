@@ -90,12 +90,12 @@ def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probabil
     generator = torch.Generator().manual_seed(7)
     if levels is None:
         values = torch.randn(shape, generator=generator)
-    elif levels == "zeros":  # an unchanged row: every magnitude tied, in one bucket
+    elif levels == "zeros":  # unchanged rows: every magnitude tied at zero, ranked by column alone
         values = torch.zeros(shape)
         values.view(-1)[::7] = torch.randn(values.view(-1)[::7].shape, generator=generator)
         if values.dim() > 1:
             values[: values.shape[0] // 2] = 0.0
-    elif levels == "narrow":  # distinct magnitudes all within one bucket of ranks
+    elif levels == "narrow":  # distinct magnitudes within 1% of each other: neighbours differ in the last bits
         values = (1.0 + torch.rand(shape, generator=generator) * 0.01) * torch.randn(shape, generator=generator).sign()
     else:  # tied magnitudes, which rank by column
         values = torch.randint(-levels, levels, shape, generator=generator).float() / levels
