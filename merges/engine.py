@@ -205,23 +205,38 @@ class MergeEngine:
     ) -> list[torch.Tensor | None]:
         """The chunk [start, end) of tensor `name`: slot 0 the base, slot j in `slots` the task vector of
         basis[j] (its model minus the base, in fp32 as mergekit computes it), in `pool`'s buffers."""
-        shape = self.shapes[name]
-        chunk_shape = (((end - start) // (math.prod(shape[1:]) or 1)), *shape[1:]) if len(shape) > 1 else shape
-        held = [tensor.view(-1)[start:end].view(chunk_shape) for tensor in self.store[name]]
+        held = self._held(name, start, end)
         tensors: list[torch.Tensor | None] = [None] * len(held)
         # An fp32 model held on the merge device is read in place (kernels never write into their inputs).
-        direct = [tensor.dtype == torch.float32 and tensor.device == self.device for tensor in held]
-        base = held[0] if direct[0] else self._buffer(pool, -1, end - start).view(chunk_shape)
-        tensors[0] = base if direct[0] else base.copy_(held[0], non_blocking=True)
+        base = held[0] if self._direct(held[0]) else self._buffer(pool, -1, end - start).view(held[0].shape)
+        tensors[0] = base if base is held[0] else base.copy_(held[0], non_blocking=True)
         for slot in slots:
-            if slot == 0:
-                continue
-            vector = self._buffer(pool, -1 - slot, end - start).view(chunk_shape)
-            if direct[slot]:
+            if slot != 0:
+                tensors[slot] = self._task_vector(held, slot, tensors, pool)
+        return tensors
+
+    def _held(self, name: str, start: int, end: int) -> list[torch.Tensor]:
+        """Each basis model's elements [start, end) of tensor `name` as held (its dtype and device), shaped as a
+        block of rows."""
+        shape = self.shapes[name]
+        chunk_shape = (((end - start) // (math.prod(shape[1:]) or 1)), *shape[1:]) if len(shape) > 1 else shape
+        return [tensor.view(-1)[start:end].view(chunk_shape) for tensor in self.store[name]]
+
+    def _direct(self, held: torch.Tensor) -> bool:
+        return held.dtype == torch.float32 and held.device == self.device
+
+    def _task_vector(
+        self, held: list[torch.Tensor], slot: int, tensors: list[torch.Tensor | None], pool: int
+    ) -> torch.Tensor:
+        """Slot `slot`'s task vector of a chunk whose base is tensors[0], computed into its buffer of `pool` and
+        set in `tensors`."""
+        if tensors[slot] is None:
+            base, vector = tensors[0], self._buffer(pool, -1 - slot, held[0].numel()).view(held[0].shape)
+            if self._direct(held[slot]):
                 tensors[slot] = torch.sub(held[slot], base, out=vector)
             else:
                 tensors[slot] = vector.copy_(held[slot], non_blocking=True).sub_(base)
-        return tensors
+        return tensors[slot]  # type: ignore[return-value]
 
     def iter_chunks(self, name: str, pool: int = 1) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """(flat start, [base, task vector of each model]) per chunk of tensor `name`, fp32 on the merge device;
@@ -430,6 +445,9 @@ class MergeEngine:
             stream=lambda model: stream_seed(key(model)),
             scratch=lambda index, dtype=torch.float32: self._buffer(pool, index, shape.numel(), dtype).view(shape),
             read=lambda model, buffer: self._read(name, model, start, buffer),
+            task_vector=lambda model: self._task_vector(
+                self._held(name, start, start + shape.numel()), self.basis.index(model), tensors, pool
+            ),
         )
 
     def _read(self, name: str, model: str, start: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -516,11 +534,12 @@ class _TensorStatistics:
 
     def sparsified_l1(self, model: str, chunk_l1: Callable[[TensorInputs], float]) -> float:
         if model not in self._l1:
-            slot = self.engine.basis.index(model)
             total = 0.0
             self._recording = True  # the merge pass takes the same random masks from here, not a second draw
             try:
-                for start, tensors in self._side_chunks([slot]):
+                # Chunks of the base alone: chunk_l1 takes the task vector (TensorInputs.task_vector) where it
+                # needs it, and the compiled DARE pass reads the model instead, writing nothing.
+                for start, tensors in self._side_chunks([]):
                     inputs = self.engine._inputs(self.recipe, self.name, start, tensors, self)
                     total += chunk_l1(inputs)
             finally:

@@ -129,23 +129,29 @@ _L1_BLOCK = 1 << 12  # elements summed in float32 before the block's sum is adde
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
-def _kept_l1(values: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64) -> float:
-    # reassoc lets the float32 block sums vectorize: the L1 norm is accurate to ~1e-7 relative in any order.
+def _kept_l1(model: np.ndarray, base: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64) -> float:
+    # reassoc lets the float32 block sums vectorize: the L1 norm is accurate to ~1e-7 relative in any order. The
+    # inner loop counts from 0 over slices: with range(first, min(...)) numba's loop did not vectorize (4x slower).
     total = 0.0
-    for first in range(0, values.size, _L1_BLOCK):
-        block = np.float32(0.0)
-        for i in range(first, min(first + _L1_BLOCK, values.size)):
-            block += abs(values[i]) if _draw(seed, start + i) < threshold else np.float32(0.0)
+    for first in range(0, model.size, _L1_BLOCK):
+        block, zero = np.float32(0.0), np.float32(0.0)
+        own, reference, offset = model[first : first + _L1_BLOCK], base[first : first + _L1_BLOCK], start + first
+        for i in range(own.size):
+            block += abs(own[i] - reference[i]) if _draw(seed, offset + i) < threshold else zero
         total += np.float64(block)
     return total
 
 
-def kept_l1(values: np.ndarray, probability: float, seed: int, start: int) -> float:
-    """The L1 norm of keep_values' result (the same draws) in one pass that writes nothing: a DARE rescale's
-    norm of a tensor merged in chunks, taken before its merge pass."""
+def kept_l1(model: np.ndarray, base: np.ndarray, probability: float, seed: int, start: int) -> float:
+    """The L1 norm of keep_values' result on the task vector model - base (the same draws, the same float32
+    subtraction) in one pass that writes nothing: a DARE rescale's norm of a tensor merged in chunks, taken
+    before its merge pass."""
     key, threshold = np.uint64(seed), _threshold(probability)
-    parts = in_parts(values.size, lambda first, last: _kept_l1(values[first:last], key, start + first, threshold))
-    return sum(total for _, total in parts)
+
+    def loop(first: int, last: int) -> float:
+        return _kept_l1(model[first:last], base[first:last], key, start + first, threshold)
+
+    return sum(total for _, total in in_parts(model.size, loop))
 
 
 def compiled(*tensors: torch.Tensor) -> bool:

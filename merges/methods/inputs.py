@@ -90,6 +90,9 @@ class TensorInputs:
     stream: Callable[[str], int]  # the seed of those draws' stream, for the compiled CPU loops that draw them
     scratch: Callable[..., torch.Tensor]  # scratch(index[, dtype]): reusable buffers shaped like this chunk
     read: Callable[[str, torch.Tensor], torch.Tensor]  # read(model, buffer): the model's own chunk, in fp32
+    # The model's task vector of this chunk, tensors[slot]: computed on first use where the chunk came without it
+    # (a whole-tensor pass over the base alone, whose kernel may read the models instead).
+    task_vector: Callable[[str], torch.Tensor]
 
     def top_cuts(self, model: str, counts: Sequence[int], magnitudes: torch.Tensor) -> list[TopCut]:
         """The `count` largest |task vector| elements of the whole tensor, for each count (one selection serves

@@ -96,14 +96,19 @@ def _della(
 
 
 def sparsified_l1(
-    inputs: TensorInputs, model: str, task_vector: torch.Tensor, sparsification: Sparsification, **values: Any
+    inputs: TensorInputs, model: str, sparsification: Sparsification, buffer: int, **values: Any
 ) -> float:
     """The L1 norm of this chunk's sparsified task vector (its rescale's pass over a tensor in chunks): DARE's on
-    the CPU in one compiled pass that writes nothing, the others from the sparsifier's result."""
-    if sparsification == Sparsification.random and cpu_kernels.compiled(task_vector):
-        flat = cpu_kernels.flat(task_vector)
-        return cpu_kernels.kept_l1(flat, values["density"], inputs.stream(model), inputs.start)
-    return chunked_l1(SPARSIFIERS[sparsification](inputs, model, task_vector, **values))
+    the CPU in one compiled pass over the model and the base that writes nothing (not even the task vector), the
+    others from the sparsifier's result."""
+    base = inputs.tensors[0]
+    if sparsification == Sparsification.random and cpu_kernels.compiled(base):
+        own = inputs.read(model, inputs.scratch(buffer))
+        if cpu_kernels.compiled(own):
+            flat = cpu_kernels.flat
+            return cpu_kernels.kept_l1(flat(own), flat(base), values["density"], inputs.stream(model), inputs.start)
+    task_vector = inputs.task_vector(model)
+    return chunked_l1(SPARSIFIERS[sparsification](inputs, model, task_vector, buffer=buffer, **values))
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:

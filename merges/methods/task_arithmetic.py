@@ -79,8 +79,7 @@ class TaskArithmetic:
             if shared.get("rescale") and delta is not task_vector:
 
                 def sparsified(chunk: TensorInputs, model=model, values=values, index=index) -> float:
-                    vector = chunk.tensors[chunk.slot(model)]
-                    return sparsified_l1(chunk, model, vector, self.sparsification, buffer=2 * index + 4, **values)
+                    return sparsified_l1(chunk, model, self.sparsification, buffer=2 * index + 4, **values)
 
                 before, after = inputs.l1[inputs.slot(model)], inputs.sparsified_l1(model, delta, sparsified)
                 factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0

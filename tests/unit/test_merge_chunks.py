@@ -378,12 +378,15 @@ def test_the_kept_l1_is_the_l1_of_the_kept_values(start):
     from safemerge.merges.methods.cpu_kernels import keep_values, kept_l1
     from safemerge.merges.methods.inputs import chunked_l1
 
-    values = torch.randn(300_007, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(300_007, generator=generator)
+    model = base + 0.01 * torch.randn(300_007, generator=generator)
+    values = model - base  # the task vector kept_l1 takes as model and base
     kept = torch.empty_like(values)
     keep_values(values.numpy(), 0.3, 99, start, kept.numpy())
     expected = chunked_l1(kept)
     assert 0.25 * chunked_l1(values) < expected < 0.35 * chunked_l1(values)
-    assert kept_l1(values.numpy(), 0.3, 99, start) == pytest.approx(expected, rel=1e-6)
+    assert kept_l1(model.numpy(), base.numpy(), 0.3, 99, start) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("models", [1, 2, 3, 4])
