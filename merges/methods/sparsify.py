@@ -81,13 +81,11 @@ def _della(
 
     def draw(out: torch.Tensor) -> torch.Tensor:
         rows = _rows(task_vector)
-        keys = inputs.scratch(0, torch.int64).view(rows.shape)  # int64: 2 fp32 buffers' worth
-        if cpu_kernels.compiled(task_vector, out):  # compiled passes around numpy's sort
+        if cpu_kernels.compiled(task_vector, out):  # one compiled pass per row, no sort
             seed = inputs.stream(model)
-            cpu_kernels.della_keep(
-                rows.numpy(), keys.numpy(), density, epsilon, seed, inputs.start, out.view(rows.shape).numpy()
-            )
+            cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, out.view(rows.shape).numpy())
             return out
+        keys = inputs.scratch(0, torch.int64).view(rows.shape)  # int64: 2 fp32 buffers' worth
         probability = _rank_norm(torch.abs(rows, out=inputs.scratch(buffer + 1).view(rows.shape)), keys)
         probability.mul_(2 * epsilon).add_(density - epsilon)
         return torch.lt(inputs.fill_uniform(model, out), probability.view(out.shape), out=out)

@@ -81,8 +81,8 @@ def test_della_ranks_each_row_by_magnitude_with_ties_by_column(shape, levels):
     assert torch.equal(ranks, expected)
 
 
-@pytest.mark.parametrize("shape", [(7, 50), (1, 33), (40,), (300, 257)])
-@pytest.mark.parametrize("levels", [3, 100000, None, "zeros", "narrow"])
+@pytest.mark.parametrize("shape", [(7, 50), (1, 33), (40,), (300, 257), (16, 2048)])
+@pytest.mark.parametrize("levels", [3, 100000, None, "zeros", "narrow", "bf16", "wide"])
 @pytest.mark.parametrize("epsilon", [0.2, 0.0, -0.1])
 def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probability(shape, levels, epsilon):
     from safemerge.merges.methods.sparsify import _rank_norm
@@ -97,6 +97,12 @@ def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probabil
             values[: values.shape[0] // 2] = 0.0
     elif levels == "narrow":  # distinct magnitudes within 1% of each other: neighbours differ in the last bits
         values = (1.0 + torch.rand(shape, generator=generator) * 0.01) * torch.randn(shape, generator=generator).sign()
+    elif levels == "bf16":  # a bf16 fine-tune's task vector: few distinct magnitudes, many zeros, large tie groups
+        base = torch.randn(shape, generator=generator).bfloat16()
+        values = (base.float() + 0.003 * torch.randn(shape, generator=generator)).bfloat16().float() - base.float()
+    elif levels == "wide":  # magnitudes over 40 octaves, denormals included: few per magnitude bucket
+        octaves = torch.randint(0, 140, shape, generator=generator)
+        values = torch.randn(shape, generator=generator) * torch.exp2(-octaves.float())
     else:  # tied magnitudes, which rank by column
         values = torch.randint(-levels, levels, shape, generator=generator).float() / levels
     rows = values.reshape(1, -1) if values.dim() < 2 else values
@@ -105,8 +111,7 @@ def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probabil
     probability.mul_(2 * epsilon).add_(density - epsilon)
     expected = (fill_uniform(torch.empty(rows.shape), "s/t/m", start) < probability).float()
     out = np.full(rows.shape, 7.0, dtype=np.float32)
-    keys = np.empty(rows.shape, dtype=np.int64)
-    della_keep(rows.numpy(), keys, density, epsilon, stream_seed("s/t/m"), start, out)
+    della_keep(rows.numpy(), density, epsilon, stream_seed("s/t/m"), start, out)
     assert np.array_equal(out, expected.numpy())
 
 
