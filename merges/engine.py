@@ -135,10 +135,12 @@ class MergeEngine:
             (end - start for ranges in self._chunks.values() for start, end in ranges), default=0
         )
         self._pools: dict[int, dict[int, torch.Tensor]] = {}
-        self._samples: dict[tuple[str, int], np.ndarray] = {}  # (tensor, slot) -> ascending |task vector| sample
+        # (tensor, slot) -> ascending |task vector| sample, (tensor, key) -> an ascending sample of other values of
+        # the weights alone (TensorInputs.cuts' `sampled`): a few thousand values that bracket any cut.
+        self._samples: dict[tuple[str, int | str], np.ndarray] = {}
         # Figures that depend on the weights alone, not on a recipe, kept across merges (arcee_fusion's quartiles, a
-        # few scalars per tensor, and its row divergences, a float per row): (tensor, key, count) -> cut and
-        # (tensor, key, chunk start) -> values.
+        # few scalars per tensor, and its row divergences, a float per row; SCE's count of varying elements):
+        # (tensor, key, count) -> cut and (tensor, key, chunk start, or -1 for the whole tensor) -> values.
         self._lasting_cuts: dict[tuple[str, str, int], TopCut] = {}
         self._lasting_values: dict[tuple[str, str, int], torch.Tensor] = {}
         if recipe is not None:
@@ -548,7 +550,9 @@ class _TensorStatistics:
         return self._l1[model]
 
     def _side_inputs(self) -> Iterator[TensorInputs]:
-        for start, tensors in self._side_chunks(range(len(self.engine.basis))):
+        # Chunks of the base alone: a figure's compute takes the task vectors it needs (TensorInputs.task_vector),
+        # or reads the models themselves (TensorInputs.read) in one pass that writes no task vector.
+        for start, tensors in self._side_chunks([]):
             yield self.engine._inputs(self.recipe, self.name, start, tensors, self)
 
     def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor:
@@ -563,17 +567,28 @@ class _TensorStatistics:
         compute: Callable[[TensorInputs], torch.Tensor],
         values: torch.Tensor,
         lasting: bool = False,
+        sampled: str | None = None,
     ) -> list[TopCut]:
         known: MutableMapping[tuple[str, str, int], TopCut] = self.engine._lasting_cuts if lasting else self._value_cuts
         missing = [count for count in counts if (self.name, key, count) not in known]
         if missing:
+            samples = self.engine._samples
+            sample = samples.get((self.name, sampled)) if sampled is not None else None
+            picked: list[np.ndarray] = []  # the sample, taken from the first pass where none is kept yet
 
             def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+                first_pass = not picked
                 for chunk in self._side_inputs():
-                    yield chunk.start, compute(chunk)
+                    chunk_values = compute(chunk)
+                    if sampled is not None and sample is None and first_pass:
+                        flat = chunk_values.reshape(-1)
+                        picked.append(flat[sample_positions(chunk.start, flat.numel(), self.total)].cpu().numpy())
+                    yield chunk.start, chunk_values
 
             single = values if self.whole else None
-            cuts = top_cuts(missing, self.total, chunks, single=single)
+            cuts = top_cuts(missing, self.total, chunks, single=single, sample=sample)
+            if picked:
+                samples[self.name, sampled] = np.sort(np.concatenate(picked))  # type: ignore[index]
             known.update(((self.name, key, count), cut) for count, cut in zip(missing, cuts, strict=True))
         return [known[self.name, key, count] for count in counts]
 

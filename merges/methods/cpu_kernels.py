@@ -256,12 +256,13 @@ def ram(base: np.ndarray, deltas: list[np.ndarray], scales: list[float], epsilon
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _ram_counts(d0, d1, d2, d3, active, epsilon):  # noqa: ANN001
+def _ram_counts(m0, m1, m2, m3, base, active, epsilon):  # noqa: ANN001
     # Eight scalar sums rather than an indexed table, so the loop vectorizes.
     s0 = s1 = s2 = s3 = u0 = u1 = u2 = u3 = np.int64(0)
-    for i in range(d0.size):
-        n0, n1 = active[0] & (abs(d0[i]) > epsilon), active[1] & (abs(d1[i]) > epsilon)
-        n2, n3 = active[2] & (abs(d2[i]) > epsilon), active[3] & (abs(d3[i]) > epsilon)
+    for i in range(base.size):
+        d0, d1, d2, d3 = m0[i] - base[i], m1[i] - base[i], m2[i] - base[i], m3[i] - base[i]
+        n0, n1 = active[0] & (abs(d0) > epsilon), active[1] & (abs(d1) > epsilon)
+        n2, n3 = active[2] & (abs(d2) > epsilon), active[3] & (abs(d3) > epsilon)
         changed = np.int64(n0) + np.int64(n1) + np.int64(n2) + np.int64(n3)
         shared, alone = np.int64(changed > 1), np.int64(changed == 1)  # shared with another model, or its own
         s0, s1, s2, s3 = s0 + (n0 * shared), s1 + (n1 * shared), s2 + (n2 * shared), s3 + (n3 * shared)
@@ -269,43 +270,46 @@ def _ram_counts(d0, d1, d2, d3, active, epsilon):  # noqa: ANN001
     return np.array([[s0, s1, s2, s3], [u0, u1, u2, u3]], dtype=np.int64)
 
 
-def ram_counts(deltas: list[np.ndarray], epsilon: float) -> np.ndarray:
-    """RAM+'s counts in one pass (flat float32 arrays, at most FUSED_VECTORS task vectors): [2, models] int64,
-    row 0 each model's changed elements (|delta| > epsilon) that another model also changes, row 1 those it
-    changes alone."""
-    vectors, active = _slots(deltas)
-    parts = in_parts(
-        vectors[0].size, lambda first, last: _ram_counts(*(v[first:last] for v in vectors), active, np.float32(epsilon))
-    )
-    return sum(counts for _, counts in parts)[:, : len(deltas)]
+def ram_counts(models: list[np.ndarray], base: np.ndarray, epsilon: float) -> np.ndarray:
+    """RAM+'s counts in one pass over the models' own flat float32 arrays and the base's (at most FUSED_VECTORS
+    models; each task vector is model - base, the float32 subtraction the engine makes): [2, models] int64, row 0
+    each model's changed elements (|task vector| > epsilon) that another model also changes, row 1 those it changes
+    alone. It writes nothing, not even the task vectors."""
+    own, active = _slots(models)
+
+    def loop(first: int, last: int) -> np.ndarray:
+        return _ram_counts(*(array[first:last] for array in own), base[first:last], active, np.float32(epsilon))
+
+    return sum(counts for _, counts in in_parts(base.size, loop))[:, : len(models)]
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _variance(d0, d1, d2, d3, out, models):  # noqa: ANN001
+def _variance(m0, m1, m2, m3, base, out, models):  # noqa: ANN001
     # Welford's update, as torch.var's CPU kernel runs it, written out per model count (a branch the loop does not
-    # take per element, so it vectorizes).
+    # take per element, so it vectorizes), over the task vectors model - base (float32, as the engine subtracts).
     for i in range(out.size):
-        mean, value = np.float64(d0[i]), np.float64(d1[i])
+        mean, value = np.float64(m0[i] - base[i]), np.float64(m1[i] - base[i])
         delta = value - mean
         mean += delta / 2.0
-        m2 = delta * (value - mean)
+        squares = delta * (value - mean)
         if models >= 3:
-            value = np.float64(d2[i])
+            value = np.float64(m2[i] - base[i])
             delta = value - mean
             mean += delta / 3.0
-            m2 += delta * (value - mean)
+            squares += delta * (value - mean)
         if models >= 4:
-            value = np.float64(d3[i])
+            value = np.float64(m3[i] - base[i])
             delta = value - mean
             mean += delta / 4.0
-            m2 += delta * (value - mean)
-        out[i] = np.float32(m2 / models)
+            squares += delta * (value - mean)
+        out[i] = np.float32(squares / models)
 
 
-def variance(vectors: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """out (flat float32) = the population variance across the flat float32 `vectors` (at most FUSED_VECTORS),
-    element by element: torch.var(stack, dim=0, unbiased=False) bit for bit, Welford's update in float64."""
-    _sliced(_variance, [*_slots(vectors)[0], out], len(vectors))
+def variance(models: list[np.ndarray], base: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (flat float32) = the population variance across the task vectors model - base of the flat float32
+    `models` (at most FUSED_VECTORS), element by element: torch.var(stack, dim=0, unbiased=False) of the task
+    vectors bit for bit, Welford's update in float64, in one pass that writes no task vector."""
+    _sliced(_variance, [*_slots(models)[0], base, out], len(models))
     return out
 
 

@@ -6,6 +6,7 @@ gets the same result as one merged whole."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +20,20 @@ _SIDE = 40
 
 def _task_vectors(inputs: TensorInputs, models: list[str]) -> list[torch.Tensor]:
     """The models' task vectors of this chunk, against the engine's base."""
-    return [inputs.tensors[inputs.slot(model)] for model in models]
+    return [inputs.task_vector(model) for model in models]
+
+
+def _compiled_arrays(inputs: TensorInputs, models: list[str]) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """The models' own chunks and the base's, as flat float32 arrays for a compiled loop that takes each task vector
+    as model - base while it runs (so a whole-tensor pass writes none); None where the compiled loops do not take
+    them (a GPU, more than FUSED_VECTORS models)."""
+    base = inputs.tensors[0]
+    if len(models) > cpu_kernels.FUSED_VECTORS or not cpu_kernels.compiled(base):
+        return None
+    own = [inputs.read(model, inputs.scratch(_SIDE + 3 + index)) for index, model in enumerate(models)]
+    if not cpu_kernels.compiled(*own):
+        return None
+    return [cpu_kernels.flat(tensor) for tensor in own], cpu_kernels.flat(base)
 
 
 def _stacked_task_vectors(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
@@ -125,9 +139,9 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
     models, epsilon = list(per_model), shared["epsilon"]
 
     def counts_of(chunk: TensorInputs) -> torch.Tensor:
-        vectors = _task_vectors(chunk, models)
-        if cpu_kernels.fusable(vectors):  # one compiled pass that writes nothing
-            return torch.from_numpy(cpu_kernels.ram_counts([cpu_kernels.flat(vector) for vector in vectors], epsilon))
+        arrays = _compiled_arrays(chunk, models)
+        if arrays is not None:  # one compiled pass that writes nothing
+            return torch.from_numpy(cpu_kernels.ram_counts(*arrays, epsilon))
         nonzero, _, overlap, unique = _ram_masks(_stacked_task_vectors(chunk, models), epsilon)
         flat = lambda mask: mask.reshape(len(models), -1).sum(dim=1)  # noqa: E731
         return torch.stack([flat(nonzero & overlap), flat(nonzero & unique)])
@@ -149,14 +163,15 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
 
 def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
     """torch.var(dim=0, unbiased=False) of the stacked task vectors, bit for bit (Welford's update in float64, as
-    torch's CPU kernel runs it), in a scratch buffer: on the CPU one compiled pass, elsewhere whole-chunk torch
-    operations (torch.var over a dim of 2-3 models is about 25x slower)."""
-    vectors = _task_vectors(inputs, models)
+    torch's CPU kernel runs it), in a scratch buffer: on the CPU one compiled pass over the models and the base (a
+    whole-tensor pass then writes no task vector), elsewhere whole-chunk torch operations (torch.var over a dim of
+    2-3 models is about 25x slower)."""
     out = inputs.scratch(_SIDE + 2)  # a chunk's variance is used up before the next chunk's is asked for
-    if cpu_kernels.fusable(vectors, out):  # one compiled pass
-        flat = cpu_kernels.flat
-        cpu_kernels.variance([flat(vector) for vector in vectors], flat(out))
+    arrays = _compiled_arrays(inputs, models)
+    if arrays is not None and cpu_kernels.compiled(out):  # one compiled pass
+        cpu_kernels.variance(*arrays, cpu_kernels.flat(out))
         return out
+    vectors = _task_vectors(inputs, models)
     mean = vectors[0].double()
     m2 = torch.zeros_like(mean)
     for count, vector in enumerate(vectors[1:], start=2):
@@ -173,11 +188,16 @@ def _sce_mask(inputs: TensorInputs, models: list[str], share: float) -> torch.Te
     if share >= 1 or share <= 0:
         return inputs.scratch(_SIDE + 2).fill_(1.0 if share >= 1 else 0.0)
     variance = _variance(inputs, models)
-    nonzero = inputs.whole_sum("sce.nonzero", lambda chunk: torch.count_nonzero(_variance(chunk, models)))
+    # The variances depend on the models' weights alone (in this order): their count of non-zeros, and a sample that
+    # brackets any share's cut, serve every later merge of these models.
+    named = "/".join(models)
+    count_nonzero = lambda chunk: torch.count_nonzero(_variance(chunk, models))  # noqa: E731
+    nonzero = inputs.whole_sum(f"sce.nonzero/{named}", count_nonzero, lasting=True)
     count = int(int(nonzero.round()) * share)
     if count == 0:
         return variance.zero_()
-    (cut,) = inputs.cuts("sce.variance", [count], lambda chunk: _variance(chunk, models), variance)
+    compute = lambda chunk: _variance(chunk, models)  # noqa: E731
+    (cut,) = inputs.cuts("sce.variance", [count], compute, variance, sampled=f"sce.variance/{named}")
     return cut.mask(variance, inputs.start, out=variance)
 
 

@@ -63,6 +63,7 @@ class TensorStatistics(Protocol):
         compute: Callable[[TensorInputs], torch.Tensor],
         values: torch.Tensor,
         lasting: bool = False,
+        sampled: str | None = None,
     ) -> list[TopCut]: ...
 
     def lasting(self, key: str, start: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor: ...
@@ -111,10 +112,15 @@ class TensorInputs:
         is the whole tensor, else the sum of chunk_l1(chunk), the L1 norm of each chunk's."""
         return chunked_l1(delta) if self.whole else self.statistics.sparsified_l1(model, chunk_l1)
 
-    def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor:
+    def whole_sum(
+        self, key: str, compute: Callable[[TensorInputs], torch.Tensor], lasting: bool = False
+    ) -> torch.Tensor:
         """compute(chunk) summed over the whole tensor's chunks, in float64 on the CPU: a recipe-dependent figure
-        (a count, a sum of squares) computed once per tensor and merge under `key`. compute's scratch buffers
-        must not be ones the caller still holds."""
+        (a count, a sum of squares) computed once per tensor and merge under `key`; `lasting`: once per tensor for
+        as long as the engine lives, for a figure of the models' weights alone (`key` then names every model it
+        depends on). compute's scratch buffers must not be ones the caller still holds."""
+        if lasting:
+            return self.statistics.lasting(key, -1, lambda: self.whole_sum(key, compute))
         return compute(self).double().cpu() if self.whole else self.statistics.whole_sum(key, compute)
 
     def cuts(
@@ -124,12 +130,15 @@ class TensorInputs:
         compute: Callable[[TensorInputs], torch.Tensor],
         values: torch.Tensor,
         lasting: bool = False,
+        sampled: str | None = None,
     ) -> list[TopCut]:
         """For each count, the `count` largest over the whole tensor of the non-negative values compute(chunk) gives
         (`values`: this chunk's, computed by the caller), once per tensor and merge under `key`; `lasting`: once per
         tensor for as long as the engine lives, for values that depend on the models' weights alone, never on the
-        recipe (`key` then names every model they depend on)."""
-        return self.statistics.cuts(key, counts, compute, values, lasting)
+        recipe (`key` then names every model they depend on). `sampled`, for such values cut at counts a recipe
+        decides: a strided sample of the values is kept under this key (naming every model) for as long as the
+        engine lives, so that every later merge finds its cuts in one pass over the chunks."""
+        return self.statistics.cuts(key, counts, compute, values, lasting, sampled)
 
     def lasting(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """compute() for this chunk, kept by the engine for as long as it lives: for a few figures per row at most,

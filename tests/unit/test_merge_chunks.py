@@ -399,9 +399,11 @@ def test_the_compiled_variance_is_torch_var_bit_for_bit(models):
     from safemerge.merges.methods.cpu_kernels import variance
 
     generator = torch.Generator().manual_seed(models)
-    vectors = [torch.randn(100_003, generator=generator) * 10.0**-exponent for exponent in range(models)]
+    base = torch.randn(100_003, generator=generator)
+    own = [base + torch.randn(100_003, generator=generator) * 10.0**-exponent for exponent in range(models)]
     out = torch.empty(100_003)
-    variance([vector.numpy() for vector in vectors], out.numpy())
+    variance([tensor.numpy() for tensor in own], base.numpy(), out.numpy())
+    vectors = [tensor - base for tensor in own]  # the task vectors, as the engine subtracts them
     assert torch.equal(out, torch.var(torch.stack(vectors), dim=0, unbiased=False))
 
 
@@ -446,3 +448,31 @@ def test_arcee_fusions_kept_figures_belong_to_the_model_pair_merged(tmp_path, ch
             if model == "aligned":
                 assert torch.equal(again[name], tensor), name
     assert any(not torch.equal(merged["aligned"][name], merged["medical"][name]) for name in fresh)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 500])
+def test_sces_kept_counts_and_samples_belong_to_the_models_merged(tmp_path, chunk_elements):
+    """SCE keeps each tensor's count of varying elements and a sample of its variances across merges (they depend
+    on the models' weights alone): merges of other shares and of the models in another order, and the first
+    again, each give what a fresh engine gives."""
+    family = write_random_family(tmp_path, SHAPE, ("aligned", "medical"))
+    experts = {name: family[name] for name in ("aligned", "medical")}
+    sizes = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    engine = MergeEngine(family["base"], experts, device="cpu", **sizes)
+
+    def recipe(models: tuple[str, ...], share: float):  # noqa: ANN202
+        listed = [{"model": model} for model in models]
+        parameters = {"select_topk": share}
+        return parse_recipe({"merge_method": "sce", "base_model": "base", "models": listed, "parameters": parameters})
+
+    plans = [(("aligned", "medical"), 0.3), (("aligned", "medical"), 0.7), (("medical", "aligned"), 0.3)]
+    plans.append((("aligned",), 0.5))  # one model varies nowhere: nothing is selected
+    merged = [engine.merge(recipe(*plan)) for plan in [*plans, plans[0]]]
+    assert engine._lasting_values, "nothing was kept across merges"
+    if chunk_elements is not None:
+        assert any(isinstance(key, str) for _, key in engine._samples), "no sample of the variances was kept"
+    for plan, got in zip([*plans, plans[0]], merged, strict=True):
+        fresh = MergeEngine(family["base"], experts, device="cpu", **sizes).merge(recipe(*plan))
+        for name, tensor in fresh.items():
+            assert torch.equal(got[name], tensor), (plan, name)
+    assert any(not torch.equal(merged[0][name], merged[1][name]) for name in fresh)
