@@ -528,9 +528,7 @@ class _TensorStatistics:
 
             single = magnitudes if self.whole else None
             sample = self.engine._samples.get((self.name, slot))
-            # A tensor in one chunk never takes a side pass, so the side pool's base buffer is free to select in.
-            workspace = self.engine._buffer(1, -1, self.total) if self.whole else None
-            cuts = top_cuts(missing, self.total, chunks, single=single, sample=sample, workspace=workspace)
+            cuts = top_cuts(missing, self.total, chunks, single=single, sample=sample)
             self._cuts.update(((model, count), cut) for count, cut in zip(missing, cuts, strict=True))
         return [self._cuts[model, count] for count in counts]
 

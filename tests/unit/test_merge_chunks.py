@@ -476,3 +476,30 @@ def test_sces_kept_counts_and_samples_belong_to_the_models_merged(tmp_path, chun
         for name, tensor in fresh.items():
             assert torch.equal(got[name], tensor), (plan, name)
     assert any(not torch.equal(merged[0][name], merged[1][name]) for name in fresh)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "wide", "one"])
+def test_order_statistics_are_the_sorted_values_with_their_ties(kind):
+    from safemerge.merges.methods.cpu_kernels import order_statistics
+
+    generator = torch.Generator().manual_seed(11)
+    size = 200_003
+    if kind == "normal":
+        values = torch.randn(size, generator=generator).abs()
+    elif kind == "ties":  # a bf16 task vector's few distinct magnitudes
+        values = (torch.randn(size, generator=generator) * 0.01).bfloat16().float().abs()
+    elif kind == "zeros":
+        values = torch.zeros(size)
+        values[::5] = torch.rand(values[::5].shape, generator=generator)
+    elif kind == "wide":  # denormals to large values: top bins far apart
+        octaves = torch.randint(-140, 60, (size,), generator=generator).float()
+        values = torch.rand(size, generator=generator) * torch.exp2(octaves)
+    else:
+        values = torch.full((size,), 0.25)
+    ascending = torch.sort(values).values
+    positions = [0, 1, size // 3, size // 2, size - 2, size - 1]
+    found = order_statistics(values.numpy(), positions)
+    for position in positions:
+        value = ascending[position]
+        expected = (float(value), int((values > value).sum()), int((values == value).sum()))
+        assert found[position] == expected, (kind, position)
