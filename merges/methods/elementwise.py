@@ -6,7 +6,6 @@ gets the same result as one merged whole."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,19 +20,6 @@ _SIDE = 40
 def _task_vectors(inputs: TensorInputs, models: list[str]) -> list[torch.Tensor]:
     """The models' task vectors of this chunk, against the engine's base."""
     return [inputs.task_vector(model) for model in models]
-
-
-def _compiled_arrays(inputs: TensorInputs, models: list[str]) -> tuple[list[np.ndarray], np.ndarray] | None:
-    """The models' own chunks and the base's, as flat float32 arrays for a compiled loop that takes each task vector
-    as model - base while it runs (so a whole-tensor pass writes none); None where the compiled loops do not take
-    them (a GPU, more than FUSED_VECTORS models)."""
-    base = inputs.tensors[0]
-    if len(models) > cpu_kernels.FUSED_VECTORS or not cpu_kernels.compiled(base):
-        return None
-    own = [inputs.read(model, inputs.scratch(_SIDE + 3 + index)) for index, model in enumerate(models)]
-    if not cpu_kernels.compiled(*own):
-        return None
-    return [cpu_kernels.flat(tensor) for tensor in own], cpu_kernels.flat(base)
 
 
 def _stacked_task_vectors(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
@@ -139,7 +125,7 @@ def ramplus_tl(inputs: TensorInputs, shared: dict, per_model: dict[str, dict], o
     models, epsilon = list(per_model), shared["epsilon"]
 
     def counts_of(chunk: TensorInputs) -> torch.Tensor:
-        arrays = _compiled_arrays(chunk, models)
+        arrays = chunk.compiled_arrays(models, _SIDE + 3)
         if arrays is not None:  # one compiled pass that writes nothing
             return torch.from_numpy(cpu_kernels.ram_counts(*arrays, epsilon))
         nonzero, _, overlap, unique = _ram_masks(_stacked_task_vectors(chunk, models), epsilon)
@@ -167,7 +153,7 @@ def _variance(inputs: TensorInputs, models: list[str]) -> torch.Tensor:
     whole-tensor pass then writes no task vector), elsewhere whole-chunk torch operations (torch.var over a dim of
     2-3 models is about 25x slower)."""
     out = inputs.scratch(_SIDE + 2)  # a chunk's variance is used up before the next chunk's is asked for
-    arrays = _compiled_arrays(inputs, models)
+    arrays = inputs.compiled_arrays(models, _SIDE + 3)
     if arrays is not None and cpu_kernels.compiled(out):  # one compiled pass
         cpu_kernels.variance(*arrays, cpu_kernels.flat(out))
         return out

@@ -7,8 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.selection import TopCut
 
 
@@ -144,6 +146,19 @@ class TensorInputs:
         """compute() for this chunk, kept by the engine for as long as it lives: for a few figures per row at most,
         that depend on the models' weights alone, never on the recipe (`key` names every model they depend on)."""
         return self.statistics.lasting(key, self.start, compute)
+
+    def compiled_arrays(self, models: Sequence[str], buffer: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """The models' own chunks (read into scratch buffers buffer, buffer + 1, ... where not held in fp32) and the
+        base's, as flat float32 arrays for a compiled loop that takes each task vector as model - base while it runs,
+        so a whole-tensor pass writes none; None where the compiled loops do not take them (a GPU, more than
+        cpu_kernels.FUSED_VECTORS models)."""
+        base = self.tensors[0]
+        if len(models) > cpu_kernels.FUSED_VECTORS or not cpu_kernels.compiled(base):
+            return None
+        own = [self.read(model, self.scratch(buffer + index)) for index, model in enumerate(models)]
+        if not cpu_kernels.compiled(*own):
+            return None
+        return [cpu_kernels.flat(tensor) for tensor in own], cpu_kernels.flat(base)
 
     def origin(self, shared: dict) -> torch.Tensor:
         """The recipe's base model as basis coefficients (zero when the recipe has no base)."""

@@ -99,12 +99,10 @@ def sparsified_l1(
     """The L1 norm of this chunk's sparsified task vector (its rescale's pass over a tensor in chunks): DARE's on
     the CPU in one compiled pass over the model and the base that writes nothing (not even the task vector), the
     others from the sparsifier's result."""
-    base = inputs.tensors[0]
-    if sparsification == Sparsification.random and cpu_kernels.compiled(base):
-        own = inputs.read(model, inputs.scratch(buffer))
-        if cpu_kernels.compiled(own):
-            flat = cpu_kernels.flat
-            return cpu_kernels.kept_l1(flat(own), flat(base), values["density"], inputs.stream(model), inputs.start)
+    arrays = inputs.compiled_arrays([model], buffer) if sparsification == Sparsification.random else None
+    if arrays is not None:
+        (own,), base = arrays
+        return cpu_kernels.kept_l1(own, base, values["density"], inputs.stream(model), inputs.start)
     task_vector = inputs.task_vector(model)
     return chunked_l1(SPARSIFIERS[sparsification](inputs, model, task_vector, buffer=buffer, **values))
 
