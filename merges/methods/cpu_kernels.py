@@ -106,26 +106,34 @@ def keep(out: np.ndarray, probability: float, seed: int, start: int) -> None:
     in_parts(out.size, lambda first, last: _keep(out[first:last], key, start + first, threshold))
 
 
-@numba.njit(nogil=True, cache=True, error_model="numpy")
-def _keep_values(values: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64, out: np.ndarray) -> None:
-    zero = np.float32(0.0)
-    for i in range(out.size):
-        out[i] = values[i] if _draw(seed, start + i) < threshold else zero
+_L1_BLOCK = 1 << 12  # elements summed in float32 before the block's sum is added in float64
 
 
-def keep_values(values: np.ndarray, probability: float, seed: int, start: int, out: np.ndarray) -> np.ndarray:
+@numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc"})
+def _keep_values(values: np.ndarray, seed: np.uint64, start: int, threshold: np.uint64, out: np.ndarray) -> float:
+    # Blocks of _L1_BLOCK counted from 0 over slices, as in _kept_l1: reassoc vectorizes the float32 block sums.
+    total = 0.0
+    for first in range(0, out.size, _L1_BLOCK):
+        block, zero = np.float32(0.0), np.float32(0.0)
+        own, kept, offset = values[first : first + _L1_BLOCK], out[first : first + _L1_BLOCK], start + first
+        for i in range(own.size):
+            value = own[i] if _draw(seed, offset + i) < threshold else zero
+            kept[i] = value
+            block += abs(value)
+        total += np.float64(block)
+    return total
+
+
+def keep_values(values: np.ndarray, probability: float, seed: int, start: int, out: np.ndarray) -> float:
     """DARE's drop in one pass: out (flat float32) = values where `keep` keeps the element (the same draws), else
-    0.0, without writing the mask. Its draws are redrawn, not recorded, where a tensor needs them twice."""
+    0.0, without writing the mask; returns out's L1 norm, summed on the way (a rescale's norm). Its draws are
+    redrawn, not recorded, where a tensor needs them twice."""
     key, threshold = np.uint64(seed), _threshold(probability)
 
-    def loop(first: int, last: int) -> None:
-        _keep_values(values[first:last], key, start + first, threshold, out[first:last])
+    def loop(first: int, last: int) -> float:
+        return _keep_values(values[first:last], key, start + first, threshold, out[first:last])
 
-    in_parts(out.size, loop)
-    return out
-
-
-_L1_BLOCK = 1 << 12  # elements summed in float32 before the block's sum is added in float64
+    return sum(total for _, total in in_parts(out.size, loop))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
@@ -448,11 +456,28 @@ def order_statistics(values: np.ndarray, positions: list[int]) -> dict[int, tupl
 
 
 _FEW_PENDING = 16  # della's rows with at most this many undecided draws rank them by scans of the row
+_LANES = 4  # histograms a row's bucket counts are spread over (a power of 2)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc"})
+def _kept_row(values: np.ndarray, out: np.ndarray) -> float:
+    """out = values * out (a row's mask, 0.0 or 1.0, becomes its kept values, as torch's mask.mul_ makes them);
+    returns their L1 norm, in float32 blocks as _kept_l1 sums."""
+    total = 0.0
+    for first in range(0, out.size, _L1_BLOCK):
+        block, own, kept = np.float32(0.0), values[first : first + _L1_BLOCK], out[first : first + _L1_BLOCK]
+        for i in range(own.size):
+            value = own[i] * kept[i]
+            kept[i] = value
+            block += abs(value)
+        total += np.float64(block)
+    return total
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _della_rows(vectors, probability, seed, start, buckets, out):  # noqa: ANN001
+def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noqa: ANN001
     rows, columns = vectors.shape
+    kept_l1 = 0.0
     all_bits = vectors.view(np.int32)
     bits, bucket_of = np.empty(columns, dtype=np.int32), np.empty(columns, dtype=np.int32)
     position, members = np.empty(columns, dtype=np.int32), np.empty(columns, dtype=np.int32)
@@ -460,6 +485,7 @@ def _della_rows(vectors, probability, seed, start, buckets, out):  # noqa: ANN00
     first_of, cursor = np.empty(buckets + 2, dtype=np.int32), np.empty(buckets + 1, dtype=np.int32)
     surely, maybe = np.empty(buckets + 1, dtype=np.float32), np.empty(buckets + 1, dtype=np.float32)
     pure = np.empty(buckets + 1, dtype=np.int8)
+    counts = np.empty((_LANES, buckets + 1), dtype=np.int32)
     for row in range(rows):
         first = start + row * columns
         for column in range(columns):
@@ -478,13 +504,20 @@ def _della_rows(vectors, probability, seed, start, buckets, out):  # noqa: ANN00
             shift += 1
         used = ((high - low) >> shift) + 2
         for b in range(used):
-            cursor[b] = 0
             pure[b] = -1
+            for lane in range(_LANES):
+                counts[lane, b] = 0
         for column in range(columns):
             value = bits[column]
-            b = ((value - low) >> shift) + 1 if value != 0 else 0
-            bucket_of[column] = b
-            cursor[b] += 1
+            bucket_of[column] = ((value - low) >> shift) + 1 if value != 0 else 0
+        # Counted in _LANES histograms by column: consecutive elements in one bucket (most of a row falls into a
+        # few) would otherwise wait on each other's increment.
+        for column in range(columns):
+            counts[column & (_LANES - 1), bucket_of[column]] += 1
+        for b in range(used):
+            cursor[b] = 0
+            for lane in range(_LANES):
+                cursor[b] += counts[lane, b]
         total = 0
         for b in range(used):
             first_of[b] = total
@@ -511,51 +544,57 @@ def _della_rows(vectors, probability, seed, start, buckets, out):  # noqa: ANN00
                 for j in range(columns):
                     rank += (bucket_of[j] == b) & ((bits[j] < mine) | ((bits[j] == mine) & (j < column)))
                 out[row, column] = np.float32(draws[column] < probability[rank])
-            continue
-        for column in range(columns):  # each bucket's members in column order, and each element's place among them
-            b = bucket_of[column]
-            position[column] = cursor[b]
-            members[cursor[b]] = column
-            cursor[b] += 1
-        for k in range(count):
-            column = pending[k]
-            b = bucket_of[column]
-            begin, end = first_of[b], first_of[b + 1]
-            if pure[b] < 0:  # one magnitude throughout (ties): the counting sort's place is the rank
-                value, same = bits[members[begin]], True
-                for j in range(begin + 1, end):
-                    same &= bits[members[j]] == value
-                pure[b] = same
-            if pure[b] == 1:
-                rank = position[column]
-            else:  # smaller magnitudes in the bucket, and equal ones in earlier columns
-                mine, rank = bits[column], begin
-                for j in range(begin, end):
-                    other = members[j]
-                    rank += (bits[other] < mine) | ((bits[other] == mine) & (other < column))
-            out[row, column] = np.float32(draws[column] < probability[rank])
+        else:
+            for column in range(columns):  # each bucket's members in column order, and each one's place among them
+                b = bucket_of[column]
+                position[column] = cursor[b]
+                members[cursor[b]] = column
+                cursor[b] += 1
+            for k in range(count):
+                column = pending[k]
+                b = bucket_of[column]
+                begin, end = first_of[b], first_of[b + 1]
+                if pure[b] < 0:  # one magnitude throughout (ties): the counting sort's place is the rank
+                    value, same = bits[members[begin]], True
+                    for j in range(begin + 1, end):
+                        same &= bits[members[j]] == value
+                    pure[b] = same
+                if pure[b] == 1:
+                    rank = position[column]
+                else:  # smaller magnitudes in the bucket, and equal ones in earlier columns
+                    mine, rank = bits[column], begin
+                    for j in range(begin, end):
+                        other = members[j]
+                        rank += (bits[other] < mine) | ((bits[other] == mine) & (other < column))
+                out[row, column] = np.float32(draws[column] < probability[rank])
+        if values:  # while the row is in cache: its kept values and their L1 norm
+            kept_l1 += _kept_row(vectors[row], out[row])
+    return kept_l1
 
 
 def della_keep(
-    vectors: np.ndarray, density: float, epsilon: float, seed: int, start: int, out: np.ndarray
-) -> np.ndarray:
+    vectors: np.ndarray, density: float, epsilon: float, seed: int, start: int, out: np.ndarray, values: bool = False
+) -> float:
     """DELLA's mask of a block of rows of task vectors (float32 [rows, columns], flat offset `start` in the tensor's
     stream `seed`): 1.0 where an element's draw (as `uniform` draws it) is below its keep probability, density -
     epsilon + 2 epsilon * rank / (columns - 1) computed in float32 as the torch ops do, rank being its magnitude's
-    ascending place in its row with ties by column; else 0.0.
+    ascending place in its row with ties by column; else 0.0. With `values`, out holds the mask times the task
+    vectors instead, and the call returns their L1 norm (a rescale's), each row summed while it is in cache: no
+    further pass over the tensor. Else it returns 0.0.
 
     Without a sort: each row's magnitudes are counted into buckets (about columns / 4), which bound every
     element's rank; a draw outside its bucket's probabilities is decided by that, and the few others (about
     2 * epsilon * the bucket's share of the row) get their exact rank from their bucket's members. numpy's row sort,
     which this replaces, ran 3 ns per element on one CPU and 17 on another (AMD Zen 4, whose AVX-512 compress
-    stores numpy's sort uses are slow); this runs 3.6-6.4 on the latter, on one core."""
+    stores numpy's sort uses are slow); this runs 2.4 on the latter (one core, a 134M family's task vectors), 3.7-6.3
+    on the test's random rows."""
     columns = vectors.shape[1]
     ranks = np.arange(columns, dtype=np.float32) / np.float32(max(columns - 1, 1))
     probability = ranks * np.float32(2 * epsilon) + np.float32(density - epsilon)
     key, buckets = np.uint64(seed), max(16, columns // 4)
 
-    def rows(first: int, last: int) -> None:
-        _della_rows(vectors[first:last], probability, key, start + first * columns, buckets, out[first:last])
+    def rows(first: int, last: int) -> float:
+        block = (vectors[first:last], probability, key, start + first * columns, buckets, values, out[first:last])
+        return _della_rows(*block)
 
-    in_parts(vectors.shape[0], rows, unit=columns)
-    return out
+    return sum(total for _, total in in_parts(vectors.shape[0], rows, unit=columns))

@@ -109,10 +109,12 @@ class TensorInputs:
         several chunks with rescaling needs it twice (its L1 pass, then its merge pass)."""
         return draw(buffer) if self.whole else self.statistics.random_mask(model, self.start, draw, buffer)
 
-    def sparsified_l1(self, model: str, delta: torch.Tensor, chunk_l1: Callable[[TensorInputs], float]) -> float:
-        """L1 norm over the whole tensor of a sparsified task vector: this chunk's result `delta` where the chunk
-        is the whole tensor, else the sum of chunk_l1(chunk), the L1 norm of each chunk's."""
-        return chunked_l1(delta) if self.whole else self.statistics.sparsified_l1(model, chunk_l1)
+    def sparsified_l1(
+        self, model: str, own_l1: Callable[[], float], chunk_l1: Callable[[TensorInputs], float]
+    ) -> float:
+        """L1 norm over the whole tensor of a sparsified task vector: own_l1(), this chunk's, where the chunk is
+        the whole tensor, else the sum of chunk_l1(chunk), the L1 norm of each chunk's."""
+        return own_l1() if self.whole else self.statistics.sparsified_l1(model, chunk_l1)
 
     def whole_sum(
         self, key: str, compute: Callable[[TensorInputs], torch.Tensor], lasting: bool = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -15,6 +15,18 @@ from safemerge.merges.methods.inputs import TensorInputs, chunked_l1
 
 # Each sparsifier returns the masked task vector in a scratch buffer. It is called only for density < 1: at
 # density 1 nothing is dropped and the caller keeps the task vector itself.
+
+
+class Sparsified(NamedTuple):
+    """A sparsifier's result for one chunk: the masked task vector, in a scratch buffer, and its L1 norm where the
+    compiled loop that wrote it summed that on the way (None: norm() takes a pass over it)."""
+
+    delta: torch.Tensor
+    l1: float | None = None
+
+    def norm(self) -> float:
+        """This chunk's L1 norm."""
+        return self.l1 if self.l1 is not None else chunked_l1(self.delta)
 
 
 class Sparsification(StrEnum):
@@ -27,11 +39,11 @@ class Sparsification(StrEnum):
 
 def _magnitude(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, **_: Any
-) -> torch.Tensor:
+) -> Sparsified:
     count = max(1, int(density * inputs.numel))
     out = inputs.scratch(buffer)
     (cut,) = inputs.top_cuts(model, [count], _magnitudes_if_whole(inputs, task_vector, out))
-    return cut.sparsify(task_vector, inputs.start, out=out)
+    return Sparsified(cut.sparsify(task_vector, inputs.start, out=out))
 
 
 def _magnitudes_if_whole(inputs: TensorInputs, task_vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -42,7 +54,7 @@ def _magnitudes_if_whole(inputs: TensorInputs, task_vector: torch.Tensor, out: t
 
 def _breadcrumbs(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, gamma: float, **_: Any
-) -> torch.Tensor:
+) -> Sparsified:
     total = inputs.numel
     keep = int(density * total)
     outliers = int(gamma * total)
@@ -57,40 +69,45 @@ def _breadcrumbs(
         order = torch.sort(magnitudes.reshape(-1), descending=False).indices
         mask = magnitudes.zero_()
         mask.view(-1)[order[smallest : smallest + keep]] = 1.0
-        return mask.mul_(task_vector)
+        return Sparsified(mask.mul_(task_vector))
     # The kept share minus the outliers (a subset of it): exact, each element is x - x, x - 0 or 0 - 0.
     outliers = dropped.sparsify(task_vector, inputs.start, out=inputs.scratch(buffer + 1))
-    return kept.sparsify(task_vector, inputs.start, out=magnitudes).sub_(outliers)
+    return Sparsified(kept.sparsify(task_vector, inputs.start, out=magnitudes).sub_(outliers))
 
 
 def _random(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, **_: Any
-) -> torch.Tensor:
+) -> Sparsified:
     out = inputs.scratch(buffer)
     if cpu_kernels.compiled(task_vector, out):  # one compiled pass, drawn again (not recorded) where needed twice
         flat = cpu_kernels.flat
-        cpu_kernels.keep_values(flat(task_vector), density, inputs.stream(model), inputs.start, flat(out))
-        return out
+        return Sparsified(
+            out, cpu_kernels.keep_values(flat(task_vector), density, inputs.stream(model), inputs.start, flat(out))
+        )
     draw = lambda mask: inputs.keep_mask(model, density, mask)  # noqa: E731
-    return inputs.random_mask(model, draw, out).mul_(task_vector)
+    return Sparsified(inputs.random_mask(model, draw, out).mul_(task_vector))
 
 
 def _della(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, epsilon: float, **_: Any
-) -> torch.Tensor:
+) -> Sparsified:
+    out, rows = inputs.scratch(buffer), _rows(task_vector)
+    if inputs.whole and cpu_kernels.compiled(task_vector, out):  # mask, kept values and their norm in one pass
+        seed, into = inputs.stream(model), out.view(rows.shape).numpy()
+        l1 = cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, into, values=True)
+        return Sparsified(out, l1)
 
-    def draw(out: torch.Tensor) -> torch.Tensor:
-        rows = _rows(task_vector)
-        if cpu_kernels.compiled(task_vector, out):  # one compiled pass per row, no sort
+    def draw(mask: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.compiled(task_vector, mask):  # one compiled pass per row, no sort
             seed = inputs.stream(model)
-            cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, out.view(rows.shape).numpy())
-            return out
+            cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, mask.view(rows.shape).numpy())
+            return mask
         keys = inputs.scratch(0, torch.int64).view(rows.shape)  # int64: 2 fp32 buffers' worth
         probability = _rank_norm(torch.abs(rows, out=inputs.scratch(buffer + 1).view(rows.shape)), keys)
         probability.mul_(2 * epsilon).add_(density - epsilon)
-        return torch.lt(inputs.fill_uniform(model, out), probability.view(out.shape), out=out)
+        return torch.lt(inputs.fill_uniform(model, mask), probability.view(mask.shape), out=mask)
 
-    return inputs.random_mask(model, draw, inputs.scratch(buffer)).mul_(task_vector)
+    return Sparsified(inputs.random_mask(model, draw, out).mul_(task_vector))
 
 
 def sparsified_l1(
@@ -104,7 +121,7 @@ def sparsified_l1(
         (own,), base = arrays
         return cpu_kernels.kept_l1(own, base, values["density"], inputs.stream(model), inputs.start)
     task_vector = inputs.task_vector(model)
-    return chunked_l1(SPARSIFIERS[sparsification](inputs, model, task_vector, buffer=buffer, **values))
+    return SPARSIFIERS[sparsification](inputs, model, task_vector, buffer=buffer, **values).norm()
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -130,7 +147,7 @@ def _rank_norm(magnitudes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return magnitudes.div_(max(columns - 1, 1))
 
 
-SPARSIFIERS: dict[Sparsification, Callable[..., torch.Tensor]] = {
+SPARSIFIERS: dict[Sparsification, Callable[..., Sparsified]] = {
     Sparsification.magnitude: _magnitude,
     Sparsification.random: _random,
     Sparsification.breadcrumbs: _breadcrumbs,

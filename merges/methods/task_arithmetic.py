@@ -74,14 +74,15 @@ class TaskArithmetic:
             if sparsify is None or values["density"] >= 1:
                 delta = task_vector
             else:
-                delta = sparsify(inputs, model, task_vector, buffer=2 * index + 4, **values)
+                sparse = sparsify(inputs, model, task_vector, buffer=2 * index + 4, **values)
+                delta = sparse.delta
             factor = 1.0
             if shared.get("rescale") and delta is not task_vector:
 
                 def sparsified(chunk: TensorInputs, model=model, values=values, index=index) -> float:
                     return sparsified_l1(chunk, model, self.sparsification, buffer=2 * index + 4, **values)
 
-                before, after = inputs.l1[inputs.slot(model)], inputs.sparsified_l1(model, delta, sparsified)
+                before, after = inputs.l1[inputs.slot(model)], inputs.sparsified_l1(model, sparse.norm, sparsified)
                 factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
             deltas.append((delta, weights[model], factor))
         if not deltas:

@@ -111,8 +111,14 @@ def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probabil
     probability.mul_(2 * epsilon).add_(density - epsilon)
     expected = (fill_uniform(torch.empty(rows.shape), "s/t/m", start) < probability).float()
     out = np.full(rows.shape, 7.0, dtype=np.float32)
-    della_keep(rows.numpy(), density, epsilon, stream_seed("s/t/m"), start, out)
+    assert della_keep(rows.numpy(), density, epsilon, stream_seed("s/t/m"), start, out) == 0.0
     assert np.array_equal(out, expected.numpy())
+    # With values: the kept values as torch's mask.mul_ makes them (signed zeros too), and their L1 norm.
+    out.fill(7.0)
+    l1 = della_keep(rows.numpy(), density, epsilon, stream_seed("s/t/m"), start, out, values=True)
+    kept = expected.mul_(rows)
+    assert np.array_equal(out.view(np.int32), kept.numpy().view(np.int32))
+    assert l1 == pytest.approx(float(kept.double().abs().sum()), rel=1e-6, abs=1e-30)
 
 
 @pytest.mark.parametrize("sampled", [False, True])
@@ -365,7 +371,7 @@ def test_the_compiled_drops_ram_and_variance_are_the_torch_ops(engines, monkeypa
         calls = []
         for name in ("keep_values", "della_keep", "ram", "variance", "sce_merge", "masked_squares", "ram_counts"):
             kernel = getattr(cpu_kernels, name)
-            counted = lambda *args, kernel=kernel, calls=calls: calls.append(1) or kernel(*args)  # noqa: E731
+            counted = lambda *args, kernel=kernel, calls=calls, **kw: calls.append(1) or kernel(*args, **kw)  # noqa: E731
             monkeypatch.setattr(cpu_kernels, name, counted)
         compiled = engine.merge(recipe)
         assert calls, "no compiled loop ran"
@@ -388,9 +394,10 @@ def test_the_kept_l1_is_the_l1_of_the_kept_values(start):
     model = base + 0.01 * torch.randn(300_007, generator=generator)
     values = model - base  # the task vector kept_l1 takes as model and base
     kept = torch.empty_like(values)
-    keep_values(values.numpy(), 0.3, 99, start, kept.numpy())
+    summed = keep_values(values.numpy(), 0.3, 99, start, kept.numpy())
     expected = chunked_l1(kept)
     assert 0.25 * chunked_l1(values) < expected < 0.35 * chunked_l1(values)
+    assert summed == pytest.approx(expected, rel=1e-6)  # summed on the way
     assert kept_l1(model.numpy(), base.numpy(), 0.3, 99, start) == pytest.approx(expected, rel=1e-6)
 
 
