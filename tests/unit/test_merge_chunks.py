@@ -386,15 +386,17 @@ def test_the_compiled_drops_ram_and_variance_are_the_torch_ops(engines, monkeypa
 
 @pytest.mark.parametrize("start", [0, 12_345])
 def test_the_kept_l1_is_the_l1_of_the_kept_values(start):
-    from safemerge.merges.methods.cpu_kernels import keep_values, kept_l1
+    from safemerge.merges.methods.cpu_kernels import keep, keep_values, kept_l1
     from safemerge.merges.methods.inputs import chunked_l1
 
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(300_007, generator=generator)
     model = base + 0.01 * torch.randn(300_007, generator=generator)
     values = model - base  # the task vector kept_l1 takes as model and base
-    kept = torch.empty_like(values)
+    kept, mask = torch.empty_like(values), torch.empty_like(values)
     summed = keep_values(values.numpy(), 0.3, 99, start, kept.numpy())
+    keep(mask.numpy(), 0.3, 99, start)  # the same draws as a 0/1 mask: kept is the torch ops' mask.mul_, bit for bit
+    assert torch.equal(kept.view(torch.int32), mask.mul_(values).view(torch.int32))
     expected = chunked_l1(kept)
     assert 0.25 * chunked_l1(values) < expected < 0.35 * chunked_l1(values)
     assert summed == pytest.approx(expected, rel=1e-6)  # summed on the way
