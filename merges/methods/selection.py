@@ -209,17 +209,6 @@ def _cuts_in_memory(counts: list[int], total: int, magnitudes: torch.Tensor) -> 
         else:
             cuts.append(TopCut(count, total, value, count - above, {0: 0}, {0: tied}))
     return cuts
-    # On the CPU: the order statistics from two compiled histogram passes (numpy's partition copies the tensor
-    # and runs 3x slower), the ties included.
-    found = order_statistics(magnitudes.reshape(-1).numpy(), sorted({total - count for count in counts}))
-    cuts = []
-    for count in counts:
-        value, above, tied = found[total - count]
-        if value == 0 or above + tied == count:  # zeros add nothing, whichever of them is kept
-            cuts.append(TopCut(count, total, value))
-        else:
-            cuts.append(TopCut(count, total, value, count - above, {0: 0}, {0: tied}))
-    return cuts
 
 
 _HIGH_BINS = 1 << 15  # the sign bit of a magnitude is 0: its top 16 bits are below 2^15
