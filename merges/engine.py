@@ -599,13 +599,20 @@ class _TensorStatistics:
     def random_mask(
         self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
     ) -> torch.Tensor:
-        key = (model, start)
-        if key in self._masks:
-            return unpack_mask(self._masks.pop(key), buffer)
+        packed = self.recorded_mask(model, start)
+        if packed is not None:
+            return unpack_mask(packed, buffer)
         mask = draw(buffer)
         if self._recording:
-            self._masks[key] = pack_mask(mask)
+            self.record_mask(model, start, pack_mask(mask))
         return mask
+
+    def recorded_mask(self, model: str, start: int) -> torch.Tensor | None:
+        return self._masks.pop((model, start), None)
+
+    def record_mask(self, model: str, start: int, packed: torch.Tensor) -> None:
+        if self._recording:
+            self._masks[model, start] = packed
 
     def gram_along(self, dim: int) -> torch.Tensor:
         if dim not in self._grams:

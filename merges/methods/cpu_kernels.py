@@ -475,11 +475,35 @@ def _kept_row(values: np.ndarray, out: np.ndarray) -> float:
     return total
 
 
+_VALUES, _BITS = 0, 1  # what della's loop writes: the kept values, or the mask as bits (and the kept values' norm)
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noqa: ANN001
+def _pack_row(mask: np.ndarray, packed: np.ndarray, at: int) -> None:
+    """Set bit `at` + k of `packed` (np.packbits' little bit order) where mask[k] is non-zero: whole bytes eight
+    elements at a time (a loop that vectorizes), bits one by one only at the row's unaligned ends."""
+    size = mask.size
+    head = min(size, -at & 7)  # bits before the row's first whole byte
+    whole, first_byte = (size - head) >> 3, (at + head) >> 3
+    for k in range(whole):
+        j, byte = head + 8 * k, np.uint8(0)
+        for bit in range(8):  # unrolled by the compiler
+            byte |= np.uint8(mask[j + bit] != 0) << bit
+        packed[first_byte + k] = byte
+    for column in range(head):
+        packed[(at + column) >> 3] |= np.uint8((mask[column] != 0) << ((at + column) & 7))
+    for column in range(head + 8 * whole, size):
+        packed[(at + column) >> 3] |= np.uint8((mask[column] != 0) << ((at + column) & 7))
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _della_rows(vectors, base, probability, seed, start, buckets, output, out, packed, first_bit):  # noqa: ANN001
+    # vectors: rows of task vectors, or of a model's own values where `base` has rows (each row's task vector is
+    # then model - base, subtracted into a row buffer); output _VALUES into `out`, _BITS into `packed`.
     rows, columns = vectors.shape
     kept_l1 = 0.0
-    all_bits = vectors.view(np.int32)
+    subtract = base.shape[0] > 0
+    task, row_keep = np.empty(columns, dtype=np.float32), np.empty(columns, dtype=np.float32)
     bits, bucket_of = np.empty(columns, dtype=np.int32), np.empty(columns, dtype=np.int32)
     position, members = np.empty(columns, dtype=np.int32), np.empty(columns, dtype=np.int32)
     pending, draws = np.empty(columns, dtype=np.int32), np.empty(columns, dtype=np.float32)
@@ -488,6 +512,12 @@ def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noq
     pure = np.empty(buckets + 1, dtype=np.int8)
     counts = np.empty((_LANES, buckets + 1), dtype=np.int32)
     for row in range(rows):
+        if subtract:
+            for column in range(columns):
+                task[column] = vectors[row, column] - base[row, column]
+        values = task if subtract else vectors[row]
+        row_bits = values.view(np.int32)
+        mask = row_keep if output == _BITS else out[row]
         first = start + row * columns
         for column in range(columns):
             draws[column] = np.float32(_draw(seed, first + column)) * _UNIT
@@ -495,7 +525,7 @@ def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noq
         # the others' range evenly, so bucket b's members hold the ranks [first_of[b], first_of[b + 1]).
         low, high = np.int32(0x7FFFFFFF), np.int32(0)
         for column in range(columns):
-            value = all_bits[row, column] & 0x7FFFFFFF
+            value = row_bits[column] & 0x7FFFFFFF
             bits[column] = value
             low = min(low, value if value != 0 else np.int32(0x7FFFFFFF))
             high = max(high, value)
@@ -534,7 +564,7 @@ def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noq
         for column in range(columns):
             b, draw = bucket_of[column], draws[column]
             keep = draw < surely[b]
-            out[row, column] = np.float32(keep)
+            mask[column] = np.float32(keep)
             pending[count] = column
             count += (draw < maybe[b]) & (not keep)
         if count <= _FEW_PENDING:  # a scan of the row for each costs less than placing every element by bucket
@@ -544,7 +574,7 @@ def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noq
                 rank = first_of[b]  # and the bucket's smaller magnitudes, and its equal ones in earlier columns
                 for j in range(columns):
                     rank += (bucket_of[j] == b) & ((bits[j] < mine) | ((bits[j] == mine) & (j < column)))
-                out[row, column] = np.float32(draws[column] < probability[rank])
+                mask[column] = np.float32(draws[column] < probability[rank])
         else:
             for column in range(columns):  # each bucket's members in column order, and each one's place among them
                 b = bucket_of[column]
@@ -567,35 +597,77 @@ def _della_rows(vectors, probability, seed, start, buckets, values, out):  # noq
                     for j in range(begin, end):
                         other = members[j]
                         rank += (bits[other] < mine) | ((bits[other] == mine) & (other < column))
-                out[row, column] = np.float32(draws[column] < probability[rank])
-        if values:  # while the row is in cache: its kept values and their L1 norm
-            kept_l1 += _kept_row(vectors[row], out[row])
+                mask[column] = np.float32(draws[column] < probability[rank])
+        if output == _BITS:  # the mask as bits, then (in the row buffer) the kept values for their L1 norm
+            _pack_row(mask, packed, first_bit + row * columns)
+        kept_l1 += _kept_row(values, mask)  # while the row is in cache: its kept values and their L1 norm
     return kept_l1
 
 
-def della_keep(
-    vectors: np.ndarray, density: float, epsilon: float, seed: int, start: int, out: np.ndarray, values: bool = False
-) -> float:
-    """DELLA's mask of a block of rows of task vectors (float32 [rows, columns], flat offset `start` in the tensor's
-    stream `seed`): 1.0 where an element's draw (as `uniform` draws it) is below its keep probability, density -
-    epsilon + 2 epsilon * rank / (columns - 1) computed in float32 as the torch ops do, rank being its magnitude's
-    ascending place in its row with ties by column; else 0.0. With `values`, out holds the mask times the task
-    vectors instead, and the call returns their L1 norm (a rescale's), each row summed while it is in cache: no
-    further pass over the tensor. Else it returns 0.0.
+def della_keep(vectors: np.ndarray, density: float, epsilon: float, seed: int, start: int, out: np.ndarray) -> float:
+    """DELLA's drop of a block of rows of task vectors (float32 [rows, columns], flat offset `start` in the tensor's
+    stream `seed`): out = the task vectors times the mask, 1.0 where an element's draw (as `uniform` draws it) is
+    below its keep probability, density - epsilon + 2 epsilon * rank / (columns - 1) computed in float32 as the
+    torch ops do, rank being its magnitude's ascending place in its row with ties by column, else 0.0 (torch's
+    mask.mul_, signed zeros too); returns out's L1 norm (a rescale's), each row summed while it is in cache.
 
     Without a sort: each row's magnitudes are counted into buckets (about columns / 4), which bound every
     element's rank; a draw outside its bucket's probabilities is decided by that, and the few others (about
     2 * epsilon * the bucket's share of the row) get their exact rank from their bucket's members. numpy's row sort,
     which this replaces, ran 3 ns per element on one CPU and 17 on another (AMD Zen 4, whose AVX-512 compress
-    stores numpy's sort uses are slow); this runs 2.4 on the latter (one core, a 134M family's task vectors), 3.7-6.3
-    on the test's random rows."""
-    columns = vectors.shape[1]
+    stores numpy's sort uses are slow); this runs 2.4-2.7 on the latter (one core, a 134M family's task vectors),
+    3.7-6.3 on the test's random rows."""
+    base, packed = np.empty((0, vectors.shape[1]), dtype=np.float32), np.empty(0, dtype=np.uint8)
+    return _della(vectors, base, density, epsilon, seed, start, _VALUES, out, packed)
+
+
+def della_kept_bits(
+    model: np.ndarray, base: np.ndarray, density: float, epsilon: float, seed: int, start: int
+) -> tuple[np.ndarray, float]:
+    """della_keep's mask of the task vectors model - base (float32 [rows, columns] each, subtracted row by row as
+    the engine subtracts them, so none is written) as bits (np.packbits of the flat mask, little bit order: what
+    `unpack_product` takes), and the L1 norm of the kept task vector: a rescale's whole-tensor pass over a tensor
+    merged in chunks, which records the bits for its merge pass."""
+    packed = np.zeros(-(-model.size // 8), dtype=np.uint8)
+    out = np.empty((0, model.shape[1]), dtype=np.float32)
+    return packed, _della(model, base, density, epsilon, seed, start, _BITS, out, packed)
+
+
+def _della(
+    vectors: np.ndarray,
+    base: np.ndarray,
+    density: float,
+    epsilon: float,
+    seed: int,
+    start: int,
+    output: int,
+    out: np.ndarray,
+    packed: np.ndarray,
+) -> float:
+    rows, columns = vectors.shape
     ranks = np.arange(columns, dtype=np.float32) / np.float32(max(columns - 1, 1))
     probability = ranks * np.float32(2 * epsilon) + np.float32(density - epsilon)
     key, buckets = np.uint64(seed), max(16, columns // 4)
+    # Parts of whole bytes where bits are written (8 rows hold a whole number of bytes): no byte has two writers.
+    group = 8 if output == _BITS else 1
 
-    def rows(first: int, last: int) -> float:
-        block = (vectors[first:last], probability, key, start + first * columns, buckets, values, out[first:last])
-        return _della_rows(*block)
+    def part(first: int, last: int) -> float:
+        first, last = first * group, min(last * group, rows)
+        block = (vectors[first:last], base[first:last], probability, key, start + first * columns, buckets)
+        return _della_rows(*block, output, out[first:last], packed, first * columns)
 
-    return sum(total for _, total in in_parts(vectors.shape[0], rows, unit=columns))
+    return sum(total for _, total in in_parts(-(-rows // group), part, unit=columns * group))
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _unpack_product(values, packed, first, out):  # noqa: ANN001
+    for i in range(values.size):
+        bit = first + i
+        out[i] = values[i] * np.float32((packed[bit >> 3] >> (bit & 7)) & 1)
+
+
+def unpack_product(values: np.ndarray, packed: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (flat float32) = values times the 0/1 mask that `packed` holds as bits (np.packbits, little bit order):
+    torch's unpacked mask.mul_(values), bit for bit, in one pass that writes no mask."""
+    in_parts(out.size, lambda first, last: _unpack_product(values[first:last], packed, first, out[first:last]))
+    return out

@@ -56,6 +56,10 @@ class TensorStatistics(Protocol):
         self, model: str, start: int, draw: Callable[[torch.Tensor], torch.Tensor], buffer: torch.Tensor
     ) -> torch.Tensor: ...
 
+    def recorded_mask(self, model: str, start: int) -> torch.Tensor | None: ...
+
+    def record_mask(self, model: str, start: int, packed: torch.Tensor) -> None: ...
+
     def whole_sum(self, key: str, compute: Callable[[TensorInputs], torch.Tensor]) -> torch.Tensor: ...
 
     def cuts(
@@ -108,6 +112,17 @@ class TensorInputs:
         """The 0/1 mask `draw` writes into `buffer` for this chunk: drawn once per merge, as a tensor merged in
         several chunks with rescaling needs it twice (its L1 pass, then its merge pass)."""
         return draw(buffer) if self.whole else self.statistics.random_mask(model, self.start, draw, buffer)
+
+    def recorded_mask(self, model: str) -> torch.Tensor | None:
+        """This chunk's mask as bits (pack_mask's), where the whole-tensor pass before the merge pass recorded it
+        (a compiled loop that writes bits, see record_mask); taken once. None: draw it."""
+        return None if self.whole else self.statistics.recorded_mask(model, self.start)
+
+    def record_mask(self, model: str, packed: torch.Tensor) -> None:
+        """Keep this chunk's mask as bits (np.packbits' little bit order) for the merge pass, where a whole-tensor
+        pass is drawing the masks (a rescale's norm); elsewhere nothing is kept."""
+        if not self.whole:
+            self.statistics.record_mask(model, self.start, packed)
 
     def sparsified_l1(
         self, model: str, own_l1: Callable[[], float], chunk_l1: Callable[[TensorInputs], float]

@@ -92,16 +92,15 @@ def _della(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, epsilon: float, **_: Any
 ) -> Sparsified:
     out, rows = inputs.scratch(buffer), _rows(task_vector)
-    if inputs.whole and cpu_kernels.compiled(task_vector, out):  # mask, kept values and their norm in one pass
+    if cpu_kernels.compiled(task_vector, out):  # mask, kept values and their norm in one pass
+        recorded = inputs.recorded_mask(model)
+        if recorded is not None:  # the rescale's pass drew this chunk's mask: its bits times the task vector
+            cpu_kernels.unpack_product(cpu_kernels.flat(task_vector), recorded.numpy(), cpu_kernels.flat(out))
+            return Sparsified(out)
         seed, into = inputs.stream(model), out.view(rows.shape).numpy()
-        l1 = cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, into, values=True)
-        return Sparsified(out, l1)
+        return Sparsified(out, cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, into))
 
     def draw(mask: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.compiled(task_vector, mask):  # one compiled pass per row, no sort
-            seed = inputs.stream(model)
-            cpu_kernels.della_keep(rows.numpy(), density, epsilon, seed, inputs.start, mask.view(rows.shape).numpy())
-            return mask
         keys = inputs.scratch(0, torch.int64).view(rows.shape)  # int64: 2 fp32 buffers' worth
         probability = _rank_norm(torch.abs(rows, out=inputs.scratch(buffer + 1).view(rows.shape)), keys)
         probability.mul_(2 * epsilon).add_(density - epsilon)
@@ -113,13 +112,24 @@ def _della(
 def sparsified_l1(
     inputs: TensorInputs, model: str, sparsification: Sparsification, buffer: int, **values: Any
 ) -> float:
-    """The L1 norm of this chunk's sparsified task vector (its rescale's pass over a tensor in chunks): DARE's on
-    the CPU in one compiled pass over the model and the base that writes nothing (not even the task vector), the
-    others from the sparsifier's result."""
-    arrays = inputs.compiled_arrays([model], buffer) if sparsification == Sparsification.random else None
-    if arrays is not None:
+    """The L1 norm of this chunk's sparsified task vector (its rescale's pass over a tensor in chunks): on the CPU,
+    DARE's and della's in one compiled pass over the model and the base that writes no task vector (DARE's writes
+    nothing, della's its mask's bits, recorded for the merge pass, as ranking draws costs more than reading bits),
+    the others from the sparsifier's result."""
+    compiled = sparsification in (Sparsification.random, Sparsification.della)
+    arrays = inputs.compiled_arrays([model], buffer) if compiled else None
+    if arrays is not None and sparsification == Sparsification.random:
         (own,), base = arrays
         return cpu_kernels.kept_l1(own, base, values["density"], inputs.stream(model), inputs.start)
+    if arrays is not None:  # della: the mask's bits, recorded for the merge pass, and the kept values' norm
+        (own,), base = arrays
+        shape = _rows(inputs.tensors[0]).shape
+        density, epsilon, seed = values["density"], values["epsilon"], inputs.stream(model)
+        packed, l1 = cpu_kernels.della_kept_bits(
+            own.reshape(shape), base.reshape(shape), density, epsilon, seed, inputs.start
+        )
+        inputs.record_mask(model, torch.from_numpy(packed))
+        return l1
     task_vector = inputs.task_vector(model)
     return SPARSIFIERS[sparsification](inputs, model, task_vector, buffer=buffer, **values).norm()
 

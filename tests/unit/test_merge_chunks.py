@@ -19,7 +19,7 @@ from safemerge.merges.engine import (
     unpack_mask,
 )
 from safemerge.merges.methods import METHODS
-from safemerge.merges.methods.cpu_kernels import della_keep, elect
+from safemerge.merges.methods.cpu_kernels import della_keep, della_kept_bits, elect, unpack_product
 from safemerge.merges.methods.selection import TopCut, sample_positions, top_cuts
 from safemerge.merges.recipe import parse_recipe
 from safemerge.zoo.random_family import LlamaShape, write_random_family
@@ -106,19 +106,32 @@ def test_the_compiled_della_mask_keeps_where_the_draw_is_below_the_rank_probabil
     else:  # tied magnitudes, which rank by column
         values = torch.randint(-levels, levels, shape, generator=generator).float() / levels
     rows = values.reshape(1, -1) if values.dim() < 2 else values
-    density, start = 0.6, 1234
-    probability = _rank_norm(rows.abs(), torch.empty(rows.shape, dtype=torch.int64))
-    probability.mul_(2 * epsilon).add_(density - epsilon)
-    expected = (fill_uniform(torch.empty(rows.shape), "s/t/m", start) < probability).float()
+    density, start, seed = 0.6, 1234, stream_seed("s/t/m")
+
+    def torch_mask(task: torch.Tensor) -> torch.Tensor:  # the torch ops' definition, which the GPU runs
+        probability = _rank_norm(task.abs(), torch.empty(task.shape, dtype=torch.int64))
+        probability.mul_(2 * epsilon).add_(density - epsilon)
+        return (fill_uniform(torch.empty(task.shape), "s/t/m", start) < probability).float()
+
+    # The kept values as torch's mask.mul_ makes them (signed zeros too), and their L1 norm.
     out = np.full(rows.shape, 7.0, dtype=np.float32)
-    assert della_keep(rows.numpy(), density, epsilon, stream_seed("s/t/m"), start, out) == 0.0
-    assert np.array_equal(out, expected.numpy())
-    # With values: the kept values as torch's mask.mul_ makes them (signed zeros too), and their L1 norm.
-    out.fill(7.0)
-    l1 = della_keep(rows.numpy(), density, epsilon, stream_seed("s/t/m"), start, out, values=True)
-    kept = expected.mul_(rows)
+    l1 = della_keep(rows.numpy(), density, epsilon, seed, start, out)
+    kept = torch_mask(rows).mul_(rows)
     assert np.array_equal(out.view(np.int32), kept.numpy().view(np.int32))
     assert l1 == pytest.approx(float(kept.double().abs().sum()), rel=1e-6, abs=1e-30)
+    # As bits, of the task vectors model - base subtracted row by row (a rescale's pass over a tensor in chunks):
+    # pack_mask's bits of the torch mask, in parts of whole bytes (rows of 257 start mid-byte), and the kept norm.
+    base = torch.randn(rows.shape, generator=generator)
+    model = base + rows
+    task = model - base
+    mask = torch_mask(task)
+    packed, l1 = della_kept_bits(model.numpy(), base.numpy(), density, epsilon, seed, start)
+    assert np.array_equal(packed, pack_mask(mask).numpy())
+    kept = mask.mul_(task)
+    assert l1 == pytest.approx(float(kept.double().abs().sum()), rel=1e-6, abs=1e-30)
+    # And back: the bits times the task vector are the mask's product, signed zeros too.
+    product = unpack_product(task.reshape(-1).numpy(), packed, np.full(task.numel(), 7.0, dtype=np.float32))
+    assert np.array_equal(product.view(np.int32), kept.reshape(-1).numpy().view(np.int32))
 
 
 @pytest.mark.parametrize("sampled", [False, True])
