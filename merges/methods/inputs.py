@@ -124,12 +124,13 @@ class TensorInputs:
         if not self.whole:
             self.statistics.record_mask(model, self.start, packed)
 
-    def sparsified_l1(
-        self, model: str, own_l1: Callable[[], float], chunk_l1: Callable[[TensorInputs], float]
-    ) -> float:
-        """L1 norm over the whole tensor of a sparsified task vector: own_l1(), this chunk's, where the chunk is
-        the whole tensor, else the sum of chunk_l1(chunk), the L1 norm of each chunk's."""
-        return own_l1() if self.whole else self.statistics.sparsified_l1(model, chunk_l1)
+    def sparsified_l1(self, model: str, chunk_l1: Callable[[TensorInputs], float]) -> float:
+        """L1 norm over the whole tensor of a sparsified task vector, for a tensor in several chunks (a whole tensor's
+        is its sparsified chunk's own): the sum of chunk_l1(chunk), each chunk's, once per merge, in a pass that
+        records the random masks it draws for the merge pass (so take it before sparsifying this chunk)."""
+        if self.whole:
+            raise ValueError(f"{self.name} is merged whole: its sparsified norm is its own chunk's (Sparsified.norm)")
+        return self.statistics.sparsified_l1(model, chunk_l1)
 
     def whole_sum(
         self, key: str, compute: Callable[[TensorInputs], torch.Tensor], lasting: bool = False

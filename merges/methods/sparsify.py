@@ -37,6 +37,11 @@ class Sparsification(StrEnum):
     della = "della"  # DELLA: keep probability grows with magnitude rank within each row
 
 
+# The sparsifications that draw a random mask, which a rescale's norm pass over a tensor in chunks records for the
+# merge pass (rather than drawing it twice).
+RANDOM_MASKS = frozenset({Sparsification.random, Sparsification.della})
+
+
 def _magnitude(
     inputs: TensorInputs, model: str, task_vector: torch.Tensor, density: float, buffer: int, **_: Any
 ) -> Sparsified:

@@ -11,7 +11,7 @@ import torch
 
 from safemerge.merges.methods import cpu_kernels
 from safemerge.merges.methods.inputs import DENSITIES, WEIGHTS, Param, TensorInputs, combine
-from safemerge.merges.methods.sparsify import SPARSIFIERS, Sparsification, sparsified_l1
+from safemerge.merges.methods.sparsify import RANDOM_MASKS, SPARSIFIERS, Sparsification, sparsified_l1
 
 
 class Consensus(StrEnum):
@@ -70,20 +70,27 @@ class TaskArithmetic:
         for index, (model, values) in enumerate(per_model.items()):
             if weights[model] == 0:
                 continue  # a zero weight never wins a sign vote and adds nothing (as in mergekit)
-            task_vector = inputs.tensors[inputs.slot(model)]
+            task_vector, factor = inputs.tensors[inputs.slot(model)], 1.0
             if sparsify is None or values["density"] >= 1:
                 delta = task_vector
             else:
-                sparse = sparsify(inputs, model, task_vector, buffer=2 * index + 4, **values)
-                delta = sparse.delta
-            factor = 1.0
-            if shared.get("rescale") and delta is not task_vector:
+                rescale = shared.get("rescale")
 
                 def sparsified(chunk: TensorInputs, model=model, values=values, index=index) -> float:
                     return sparsified_l1(chunk, model, self.sparsification, buffer=2 * index + 4, **values)
 
-                before, after = inputs.l1[inputs.slot(model)], inputs.sparsified_l1(model, sparse.norm, sparsified)
-                factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+                # Random masks of a tensor in chunks: the whole-tensor norm pass first, as it records the masks that
+                # this chunk's sparsify then reads rather than drawing again. (Magnitude cuts go the other way: the
+                # chunk's sparsify selects the cuts, which the norm pass then reuses.)
+                drawn = rescale and not inputs.whole and self.sparsification in RANDOM_MASKS
+                after = inputs.sparsified_l1(model, sparsified) if drawn else None
+                sparse = sparsify(inputs, model, task_vector, buffer=2 * index + 4, **values)
+                delta = sparse.delta
+                if rescale:
+                    if after is None:
+                        after = sparse.norm() if inputs.whole else inputs.sparsified_l1(model, sparsified)
+                    before = inputs.l1[inputs.slot(model)]
+                    factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
             deltas.append((delta, weights[model], factor))
         if not deltas:
             return out.copy_(inputs.tensors[0])

@@ -397,6 +397,34 @@ def test_the_compiled_drops_ram_and_variance_are_the_torch_ops(engines, monkeypa
         assert not torch.equal(compiled["model.embed_tokens.weight"], engine.base_tensor("model.embed_tokens.weight"))
 
 
+@pytest.mark.parametrize(("method", "compiled"), [("della", True), ("della", False), ("dare_ties", False)])
+def test_a_rescaled_merge_in_chunks_draws_each_random_mask_once(engines, monkeypatch, method, compiled):
+    """The norm pass records the masks it draws and the merge pass reads them, from the first chunk on. (The
+    compiled DARE loops redraw instead: a draw costs less than recording it.)"""
+    from safemerge.merges import engine as engine_module
+    from safemerge.merges.methods import cpu_kernels
+
+    chunked = engines[1]
+    drawn = []
+    elements_of = lambda first: first.numel() if isinstance(first, torch.Tensor) else first.size  # noqa: E731
+    if compiled:
+        counted = {"della_keep": cpu_kernels, "della_kept_bits": cpu_kernels}
+    else:
+        counted = {"fill_uniform": engine_module, "keep_mask": engine_module}
+        monkeypatch.setattr(cpu_kernels, "compiled", lambda *_: False)
+    for name, module in counted.items():
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda first, *a, kernel=kernel, **kw: drawn.append(elements_of(first)) or kernel(first, *a, **kw),
+        )
+    chunked.merge(parse_recipe(recipe_for(method, rescale=True)))
+    monkeypatch.undo()
+    elements = sum(chunked.shapes[name].numel() for name in chunked.float_names)
+    assert sum(drawn) == 2 * elements  # each element of each of the 2 models' task vectors, once
+
+
 @pytest.mark.parametrize("start", [0, 12_345])
 def test_the_kept_l1_is_the_l1_of_the_kept_values(start):
     from safemerge.merges.methods.cpu_kernels import keep, keep_values, kept_l1
