@@ -121,8 +121,7 @@ def sparsified_l1(
     DARE's and della's in one compiled pass over the model and the base that writes no task vector (DARE's writes
     nothing, della's its mask's bits, recorded for the merge pass, as ranking draws costs more than reading bits),
     the others from the sparsifier's result."""
-    compiled = sparsification in (Sparsification.random, Sparsification.della)
-    arrays = inputs.compiled_arrays([model], buffer) if compiled else None
+    arrays = inputs.compiled_arrays([model], buffer) if sparsification in RANDOM_MASKS else None
     if arrays is not None and sparsification == Sparsification.random:
         (own,), base = arrays
         return cpu_kernels.kept_l1(own, base, values["density"], inputs.stream(model), inputs.start)
