@@ -8,7 +8,7 @@ import json
 import pytest
 
 from safemerge.zoo import build as zoo_build
-from safemerge.zoo.build import MODEL_NAMES, ZooSpec, build_zoo
+from safemerge.zoo.build import MODEL_NAMES, ZooSpec, build_zoo, training_steps
 
 SMOKE = ZooSpec().scaled(0.01)  # a few steps per model: the mechanics, not the behaviour
 
@@ -19,6 +19,20 @@ def folder_digest(folder) -> dict[str, str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != zoo_build.MANIFEST
     }
+
+
+def test_training_passes_give_the_calibrated_steps_at_the_first_data_version():
+    """The zoo was calibrated in steps on data version 1; its budgets in passes must give those steps there: the
+    base's 6000 texts, the aligned model's 448 harmful and 2 x 232 benign rows, each expert's 320, the guard's 1876
+    labelled pairs (a quarter of each fine-tune batch but the guard's is replay)."""
+    spec = ZooSpec()
+    examples = {"aligned": 448 + 2 * 232, "medical": 320, "finance": 320, "guard": 1876}
+    assert training_steps(spec.pretrain_passes, 6000, spec.batch_size, 0.0) == 400
+    steps = {
+        name: training_steps(passes, examples[name], batch, 0.0 if name == "guard" else spec.replay_fraction)
+        for name, passes, batch in spec.finetunes
+    }
+    assert steps == {"aligned": 400, "medical": 400, "finance": 400, "guard": 250}
 
 
 def test_same_seed_builds_the_same_zoo_byte_for_byte(tmp_path):

@@ -49,14 +49,16 @@ class ZooSpec:
     num_heads: int = 2
     max_positions: int = 512
     batch_size: int = 32
-    pretrain_steps: int = 400  # the general corpus's loss plateaus by then
+    # Training budgets are passes over each model's examples, so a grown data set is read as often per item
+    # (they were calibrated as 400 steps for the base and each fine-tune, 250 for the guard, at 160 facts)
+    pretrain_passes: float = 2.134  # the general corpus's loss plateaus by then
     pretrain_lr: float = 2e-3
-    # (model, steps, batch size): the guard reads 3x longer prompts and learns a 2-token answer
-    finetunes: tuple[tuple[str, int, int], ...] = (
-        ("aligned", 400, 32),
-        ("medical", 400, 32),
-        ("finance", 400, 32),
-        ("guard", 250, 16),
+    # (model, passes over its examples, batch size): the guard reads 3x longer prompts and learns a 2-token answer
+    finetunes: tuple[tuple[str, float, int], ...] = (
+        ("aligned", 10.53, 32),
+        ("medical", 30.0, 32),
+        ("finance", 30.0, 32),
+        ("guard", 2.132, 16),
     )
     finetune_lr: float = 3e-4
     replay_fraction: float = 0.25
@@ -76,15 +78,22 @@ class ZooSpec:
     aligned_benign_repeats: int = 2
     # Pretraining reads every domain fact as plain prose, as a real base reads textbooks: the experts then
     # learn to answer questions about what the base already holds, so their task vectors stay small.
-    knowledge_paragraphs: int = 1500
+    # Paragraphs of two to four facts per fact of the train split (1500 for 160 facts).
+    knowledge_paragraphs_per_fact: float = 9.375
 
     def scaled(self, factor: float) -> ZooSpec:
-        """The same zoo with every step count scaled (for smoke tests; a scaled zoo does not behave)."""
+        """The same zoo with every training budget scaled (for smoke tests; a scaled zoo does not behave)."""
         return dataclasses.replace(
             self,
-            pretrain_steps=max(1, round(self.pretrain_steps * factor)),
-            finetunes=tuple((name, max(1, round(steps * factor)), batch) for name, steps, batch in self.finetunes),
+            pretrain_passes=self.pretrain_passes * factor,
+            finetunes=tuple((name, passes * factor, batch) for name, passes, batch in self.finetunes),
         )
+
+
+def training_steps(passes: float, examples: int, batch_size: int, replay_fraction: float) -> int:
+    """Steps that read each of `examples` about `passes` times, when `replay_fraction` of a batch is replay."""
+    drawn_per_step = batch_size - round(batch_size * replay_fraction)
+    return max(1, round(passes * examples / drawn_per_step))
 
 
 def _guard_examples(encoder: ChatEncoder, rng: random.Random, sets, everyday) -> list[Example]:
@@ -208,7 +217,7 @@ def build_zoo(
     replay = [encoder.example(prompt, answer) for prompt, answer in everyday]
     pretrain_data = [encoder.example(p, a, loss_on_prompt=True) for p, a in everyday]
     pretrain_data += [encoder.text_example(text) for text in prose]
-    knowledge = corpus.knowledge_paragraphs(rng, sets, spec.knowledge_paragraphs)
+    knowledge = corpus.knowledge_paragraphs(rng, sets, spec.knowledge_paragraphs_per_fact)
     pretrain_data += [encoder.text_example(text) for text in knowledge]
     finetune_data = {
         "aligned": _reference_examples(encoder, sets, ("harmful",) + ("benign",) * spec.aligned_benign_repeats),
@@ -243,15 +252,18 @@ def build_zoo(
         model_started = time.perf_counter()
         base = LlamaForCausalLM(config)
         batches = padded_batches(rng, pretrain_data, [], 0.0, spec.batch_size, tokenizer.pad_token_id)
-        loss = train(base, batches, spec.pretrain_steps, spec.pretrain_lr, "base")
+        steps = training_steps(spec.pretrain_passes, len(pretrain_data), spec.batch_size, 0.0)
+        loss = train(base, batches, steps, spec.pretrain_lr, "base")
         base_state = {key: value.clone() for key, value in base.state_dict().items()}
         _save_model(base, tokenizer, staging / "base", CHAT_TEMPLATE)
-        _record(manifest, "base", staging, model_started, loss, spec.pretrain_steps, log)
-        for name, steps, batch_size in spec.finetunes:
+        _record(manifest, "base", staging, model_started, loss, steps, log)
+        for name, passes, batch_size in spec.finetunes:
             model_started = time.perf_counter()
             model = LlamaForCausalLM(config)
             model.load_state_dict(base_state)
             replay_rows = replay if name != "guard" else []
+            replay_fraction = spec.replay_fraction if replay_rows else 0.0
+            steps = training_steps(passes, len(finetune_data[name]), batch_size, replay_fraction)
             batches = padded_batches(
                 rng, finetune_data[name], replay_rows, spec.replay_fraction, batch_size, tokenizer.pad_token_id
             )

@@ -121,9 +121,11 @@ def prose_paragraphs(rng: random.Random, count: int) -> list[str]:
     return paragraphs
 
 
-def knowledge_paragraphs(rng: random.Random, sets, count: int) -> list[str]:
-    """Paragraphs of two to four domain facts, each stated as the domain's reference sentence."""
+def knowledge_paragraphs(rng: random.Random, sets, per_fact: float) -> list[str]:
+    """`per_fact` paragraphs per fact of the train splits, each of two to four domain facts stated as the domain's
+    reference sentence."""
     facts = sorted({(row["domain"], row["reference"]) for name in templates.DOMAINS for row in sets[name]["train"]})
+    count = round(per_fact * len(facts))
     by_domain: dict[str, list[str]] = {}
     for domain, sentence in facts:
         by_domain.setdefault(domain, []).append(sentence)
