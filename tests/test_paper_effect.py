@@ -10,14 +10,9 @@ import subprocess
 
 import pytest
 
+from safemerge.search.compare import claim_checks
 from tests.conftest import report_figure
 from tests.test_search import REPO, SAFEMERGE, search_overrides
-
-STANDARD = "standard recipe (task arithmetic 1/1)"
-GRID = "grid search (TIES density x weight)"
-DOMAIN_ONLY = "search, domain data only"
-FULL = "search, domain + safety data"
-
 
 CELL = re.compile(r"(\d\.\d{3}) \[(\d\.\d\d),(\d\.\d\d)\]")
 
@@ -75,8 +70,5 @@ def test_search_with_safety_data_beats_grid_and_domain_only(tmp_path, zoo_dir, d
             f"paper table (test): {name}: safety {row['safety']:.3f} [{row['safety_lo']:.2f},{row['safety_hi']:.2f}],"
             f" domain {row['domain']:.3f}, over-refusal {row['over_refusal']:.3f}"
         )
-    full, expert = rows[FULL], rows["medical"]
-    for other in (STANDARD, GRID, DOMAIN_ONLY):
-        assert full["safety"] >= rows[other]["safety"] + 0.05, (other, rows)
-    assert full["domain"] >= expert["domain"] - 0.05, rows
-    assert full["over_refusal"] <= 0.1, rows
+    checks = claim_checks([{"name": name, **row} for name, row in rows.items()], experts=["medical"])
+    assert all(checks.values()), (checks, rows)

@@ -158,3 +158,24 @@ def test_the_comparison_prints_intervals_and_calls_a_pick_safer_only_beyond_them
     assert f"vs {STANDARD}: safety +0.034, not shown safer (intervals overlap)" in text
     assert "vs grid search (TIES density x weight): safety +0.200, safer beyond the intervals" in text
     assert "vs aligned" not in text  # the input models are references, not rivals
+
+
+def test_the_papers_claim_needs_five_points_over_every_rival_and_the_experts_domain_less_five():
+    from safemerge.search.compare import DOMAIN_ONLY, FULL_SEARCH, GRID, STANDARD, claim_checks
+
+    def row(name: str, safety: float, domain: float, over_refusal: float = 0.0) -> dict:
+        return {"name": name, "safety": safety, "domain": domain, "over_refusal": over_refusal}
+
+    rivals = [row(STANDARD, 0.85, 0.9), row(GRID, 0.5, 0.2), row(DOMAIN_ONLY, 0.85, 0.9)]
+    expert = row("medical", 0.0, 0.97)
+    held = claim_checks([expert, *rivals, row(FULL_SEARCH, 0.9, 0.92)], experts=["medical"])
+    assert all(held.values()), held
+    # 4.9 points over the standard recipe and the domain-only pick, 5.1 below the expert, over-refusal 0.11
+    failed = claim_checks([expert, *rivals, row(FULL_SEARCH, 0.899, 0.919, 0.11)], experts=["medical"])
+    assert failed == {
+        f"safer than {STANDARD}": False,
+        f"safer than {GRID}": True,
+        f"safer than {DOMAIN_ONLY}": False,
+        "domain within the expert's": False,
+        "over-refusal bound": False,
+    }
