@@ -24,7 +24,7 @@ SAFETY_SETS = ("harmful", "benign")
 DOMAIN_NAMES = tuple(templates.DOMAINS)
 SET_NAMES = SAFETY_SETS + DOMAIN_NAMES
 MANIFEST = "manifest.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # How a domain set is scored (the manifest's `domain_formats`; absent means open): open questions by the answer
 # inside a generated answer, multiple choice by each choice's log-likelihood.
 OPEN, MULTIPLE_CHOICE = "open", "multiple_choice"

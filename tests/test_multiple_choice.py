@@ -30,7 +30,7 @@ def choice_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def medical_choices(choice_data) -> DomainSet:
-    """The medical questions of the dev and test splits together (160): no phrasing of them was trained on."""
+    """The medical questions of the dev and test splits together (280): no phrasing of them was trained on."""
     parts = [load_eval_set(choice_data, split, domains=["medical"]).domains["medical"] for split in ("dev", "test")]
     return DomainSet(
         **{item.name: [row for part in parts for row in getattr(part, item.name)] for item in fields(DomainSet)}
@@ -52,7 +52,7 @@ def test_the_medical_expert_picks_the_true_choice_more_often_than_the_aligned_mo
     verdicts = {}
     for model in ("medical", "aligned"):
         acc, acc_norm, skipped = judge_multiple_choice(engines(model), medical_choices)
-        assert skipped == 0 and len(acc) == questions == 160
+        assert skipped == 0 and len(acc) == questions == 280
         verdicts[model] = {"acc": acc, "acc_norm": acc_norm}
         hf = HFGenerator(zoo_dir / model)
         try:

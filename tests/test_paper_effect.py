@@ -36,11 +36,12 @@ def parse_table(output: str) -> dict[str, dict[str, float]]:
 @pytest.mark.vllm
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 14 (the search's pick is its warm-start point) is open; measured on this machine's zoo at 81bc061 "
-    "(TPE the default sampler), test split (safety [95% interval] / domain): aligned 0.991 [0.95,1.00] / 0.037, "
-    "medical 0.000 / 0.963, standard recipe 0.893 [0.82,0.94] / 0.838, LM-Cocktail 0.991 / 0.037, grid 0.830 "
-    "[0.75,0.89] / 0.250, domain-only search 0.893 [0.82,0.94] / 0.838, full search 0.893 [0.82,0.94] / 0.838: both "
-    "searches pick the standard recipe, not 5 points above it",
+    reason="issue 14 (a search that beats the standard recipe) is open; measured on this machine's zoo with data "
+    "version 2 (140 items a set), seed 0, test split (safety [95% interval] / domain): aligned 0.993 [0.96,1.00] / "
+    "0.021, medical 0.000 / 0.971, standard recipe 0.729 [0.65,0.80] / 0.871, LM-Cocktail 0.993 / 0.021, grid 0.464 "
+    "[0.38,0.55] / 0.143, domain-only search 0.729 [0.65,0.80] / 0.871, full search 0.900 [0.84,0.94] / 0.793 "
+    "(over-refusal 0.021): 17-44 points safer than the three rivals, beyond the intervals, but its domain accuracy "
+    "is not within 5 points of the expert's (0.921); no merge on the front reaches it",
 )
 def test_search_with_safety_data_beats_grid_and_domain_only(tmp_path, zoo_dir, data_dir):
     args = search_overrides(

@@ -126,7 +126,7 @@ def test_a_multiple_choice_data_folder_loads_with_its_choices_and_is_kept_by_ens
     eval_set = load_eval_set(data, "dev")
     medical, finance = eval_set.domains["medical"], eval_set.domains["finance"]
     assert medical.multiple_choice and not finance.multiple_choice
-    assert len(medical.choices) == len(medical.labels) == len(medical.prompts) == 80
+    assert len(medical.choices) == len(medical.labels) == len(medical.prompts) == 140
     assert medical.choices[0][medical.labels[0]] == medical.references[0]
     manifest = synthetic.ensure_datasets(data, seed=0, log=lambda line: None)
     assert manifest["domain_formats"]["medical"] == synthetic.MULTIPLE_CHOICE  # used as it is, not rewritten
