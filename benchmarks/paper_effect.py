@@ -6,7 +6,7 @@ pick and the domain-only search's pick, its domain accuracy within 5 points of t
 most 0.1. A claim that holds for one seed is one lucky build, not a result.
 
 Each seed's data, zoo, Optuna and MLflow stores live under --work (kept: a second run reuses the data and the
-zoo of a seed, about 8-13 minutes a zoo here; the searches run again).
+zoo of a seed, 7-10 minutes a zoo here; the searches run again).
 
 Run: .venv/bin/python benchmarks/paper_effect.py [--seeds 0 1 2] [--work /tmp/paper-effect]
 Last line: JSON.
