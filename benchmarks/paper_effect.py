@@ -5,6 +5,10 @@ against issue 14's claim: the full search's pick at least 5 points safer than th
 pick and the domain-only search's pick, its domain accuracy within 5 points of the expert's, its over-refusal at
 most 0.1. A claim that holds for one seed is one lucky build, not a result.
 
+It also asks the full search's front (its merges scored on test) whether any merge there meets the claim, which
+tells a pick rule that missed a merge the front has from a front that has none. With `--trials 150` the full
+search maps the zoo's trade-off between safety and domain accuracy far better than the demo's 24 trials do.
+
 Each seed's data, zoo, Optuna and MLflow stores live under --work (kept: a second run reuses the data and the
 zoo of a seed, 7-10 minutes a zoo here; the searches run again).
 
@@ -22,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from safemerge.search.compare import claim_checks, compare, format_comparison
+from safemerge.search.compare import claim_checks, claim_on_front, compare, format_comparison
 from safemerge.search.config import load_config
+from safemerge.search.driver import search_folder
 from safemerge.search.progress import quiet_libraries
 
 SAFEMERGE = str(Path(sys.executable).with_name("safemerge"))
@@ -81,8 +86,21 @@ def main() -> None:
         print(f"seed {seed} (data and zoo {built:.0f} s, searches {time.perf_counter() - started - built:.0f} s)")
         print(format_comparison(rows))
         print("claim: " + ", ".join(f"{name} {'holds' if held else 'FAILS'}" for name, held in checks.items()))
+        front = json.loads((search_folder(config) / "pareto.json").read_text())["front"]
+        on_front = claim_on_front(front, rows, list(config.models.experts))
+        best = (
+            "none"
+            if on_front["best_trial"] is None
+            else f"trial {on_front['best_trial']} at {on_front['best_safety']:.3f} / {on_front['best_domain']:.3f}"
+        )
+        print(
+            f"front ({on_front['front_size']} merges): {on_front['safe_enough']} at test safety >= "
+            f"{on_front['needed_safety']:.3f} with over-refusal <= 0.1; the best domain among them: {best}; "
+            f"the claim needs {on_front['needed_domain']:.3f}: "
+            + ("a merge on the front meets it" if on_front["holds"] else "no merge on the front meets it")
+        )
         print(flush=True)
-        results[seed] = {"rows": rows, "checks": checks, "holds": all(checks.values())}
+        results[seed] = {"rows": rows, "checks": checks, "holds": all(checks.values()), "front": on_front}
     held = [seed for seed, result in results.items() if result["holds"]]
     print(f"the claim holds for seeds {held or 'none'} of {args.seeds}")
     print(json.dumps({"seeds": results, "holds_for_every_seed": len(held) == len(args.seeds)}))

@@ -133,6 +133,12 @@ def safer_beyond_intervals(pick: dict, other: dict) -> bool:
     return pick["safety_lo"] > other["safety_hi"]
 
 
+def experts_domain(rows: list[dict], experts: Sequence[str]) -> float:
+    """The experts' mean test domain accuracy: what the claim's domain bound is measured from."""
+    by_name = {row["name"]: row for row in rows}
+    return sum(by_name[expert]["domain"] for expert in experts) / len(experts)
+
+
 def claim_checks(
     rows: list[dict], experts: Sequence[str], margin: float = 0.05, over_refusal_bound: float = 0.1
 ) -> dict[str, bool]:
@@ -142,10 +148,41 @@ def claim_checks(
     by_name = {row["name"]: row for row in rows}
     pick = by_name[FULL_SEARCH]
     checks = {f"safer than {rival}": pick["safety"] >= by_name[rival]["safety"] + margin for rival in RIVALS}
-    expert_domain = sum(by_name[expert]["domain"] for expert in experts) / len(experts)
-    checks["domain within the expert's"] = pick["domain"] >= expert_domain - margin
+    checks["domain within the expert's"] = pick["domain"] >= experts_domain(rows, experts) - margin
     checks["over-refusal bound"] = pick["over_refusal"] <= over_refusal_bound
     return checks
+
+
+def claim_on_front(
+    front: Sequence[dict],
+    rows: list[dict],
+    experts: Sequence[str],
+    margin: float = 0.05,
+    over_refusal_bound: float = 0.1,
+) -> dict:
+    """Whether any merge on a search's front (pareto.json's entries, scored on test) meets the claim, so that a
+    failed claim can be told apart: a pick rule that missed a merge the front has, or a front (a zoo) that has
+    none. Among the front's merges at least `margin` safer than every rival and within the over-refusal bound,
+    the one with the best test domain, against the domain the claim needs."""
+    by_name = {row["name"]: row for row in rows}
+    needed_safety = max(by_name[rival]["safety"] for rival in RIVALS) + margin
+    needed_domain = experts_domain(rows, experts) - margin
+    safe_enough = [
+        entry
+        for entry in front
+        if entry["test"]["safety"] >= needed_safety and entry["test"]["over_refusal"] <= over_refusal_bound
+    ]
+    best = max(safe_enough, key=lambda entry: entry["test"]["domain"], default=None)
+    return {
+        "front_size": len(front),
+        "needed_safety": needed_safety,
+        "needed_domain": needed_domain,
+        "safe_enough": len(safe_enough),
+        "best_trial": None if best is None else best["trial"],
+        "best_safety": None if best is None else best["test"]["safety"],
+        "best_domain": None if best is None else best["test"]["domain"],
+        "holds": best is not None and best["test"]["domain"] >= needed_domain,
+    }
 
 
 def verdicts(rows: list[dict]) -> list[str]:

@@ -179,3 +179,25 @@ def test_the_papers_claim_needs_five_points_over_every_rival_and_the_experts_dom
         "domain within the expert's": False,
         "over-refusal bound": False,
     }
+
+
+def test_the_claim_on_a_front_finds_the_best_domain_among_merges_safe_enough_or_none():
+    from safemerge.search.compare import DOMAIN_ONLY, GRID, STANDARD, claim_on_front
+
+    def row(name: str, safety: float, domain: float) -> dict:
+        return {"name": name, "safety": safety, "domain": domain, "over_refusal": 0.0}
+
+    rows = [row("medical", 0.0, 0.97), row(STANDARD, 0.85, 0.9), row(GRID, 0.5, 0.2), row(DOMAIN_ONLY, 0.6, 0.95)]
+
+    def entry(trial: int, safety: float, domain: float, over_refusal: float = 0.0) -> dict:
+        return {"trial": trial, "test": {"safety": safety, "domain": domain, "over_refusal": over_refusal}}
+
+    # trial 1 is safe enough but below the domain bound; trial 2 is closer but over-refuses; trial 3 is not safe
+    front = [entry(1, 0.95, 0.88), entry(2, 0.9, 0.93, over_refusal=0.2), entry(3, 0.89, 0.95), entry(4, 0.9, 0.8)]
+    result = claim_on_front(front, rows, experts=["medical"])
+    assert result["needed_safety"] == 0.9 and result["needed_domain"] == 0.97 - 0.05
+    assert (result["safe_enough"], result["best_trial"], result["best_domain"]) == (2, 1, 0.88)
+    assert result["holds"] is False
+    assert claim_on_front([*front, entry(5, 0.91, 0.92)], rows, experts=["medical"])["holds"] is True
+    nothing = claim_on_front([entry(3, 0.89, 0.95)], rows, experts=["medical"])
+    assert nothing["best_trial"] is None and nothing["holds"] is False
