@@ -18,14 +18,15 @@ def _cmd_data_generate(args: argparse.Namespace) -> None:
     from safemerge.evaluators import synthetic
 
     if args.reuse:
-        manifest = synthetic.ensure_datasets(args.out, args.seed)
+        manifest = synthetic.ensure_datasets(args.out, args.seed)  # says whether it kept the folder or wrote it
     else:
         sets = synthetic.generate_datasets(args.seed)
         manifest = synthetic.manifest_for(sets, args.seed)
         synthetic.save_datasets(sets, args.out, manifest, force=args.force)
     for name, counts in manifest["counts"].items():
         print(f"  {name:8s} " + "  ".join(f"{split} {count:4d}" for split, count in counts.items()))
-    print(f"data written -> {args.out}")
+    if not args.reuse:
+        print(f"data written -> {args.out}")
 
 
 def _cmd_data_import(args: argparse.Namespace) -> None:

@@ -175,6 +175,7 @@ def ensure_datasets(out_dir: Path, seed: int = 0, log=print) -> dict:
             "write over what it did not write; point `data:` at an empty or new folder, or move those files"
         )
     save_datasets(sets, out_dir, manifest, force=True)
+    log(f"data written -> {out_dir} (seed {seed})")
     return manifest
 
 

@@ -78,7 +78,7 @@ def test_data_generate_writes_then_reuses(tmp_path):
     assert first.returncode == 0, first.stderr
     assert (out / "manifest.json").is_file() and (out / "harmful" / "dataset_dict.json").is_file()
     again = run("data", "generate", "--out", str(out), "--seed", "3", "--reuse")
-    assert again.returncode == 0 and "up to date" in again.stdout
+    assert again.returncode == 0 and "up to date" in again.stdout and "data written" not in again.stdout
     other = run("data", "generate", "--out", str(out), "--seed", "4", "--reuse")
     assert other.returncode == 0 and "data written" in other.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folders left over
