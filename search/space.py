@@ -50,6 +50,8 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
     recipe: dict[str, Any] = {"merge_method": name}
     if method.max_models == 1:  # one path between the aligned model and the (single) expert
         recipe["base_model"], roles = ALIGNED_ROLE, [ALIGNED_ROLE, next(iter(config.models.experts))]
+    elif method.base == "input":  # linear, karcher: a mix of the listed models, so the (unaligned) base stays out
+        roles = list(config.models.merged_roles())
     else:
         recipe["base_model"], roles = BASE_ROLE, list(config.models.merged_roles())
     shared = {param.name: draw(param, "") for param in searched if not param.per_model}
@@ -70,7 +72,7 @@ def suggest_recipe(trial: optuna.Trial, config: SearchConfig, num_layers: int) -
     else:
         recipe["models"] = [
             {"model": model}
-            if model == recipe["base_model"]
+            if model == recipe.get("base_model")
             else {
                 "model": model,
                 "parameters": {param.name: draw(param, f"{model}.") for param in searched if param.per_model},

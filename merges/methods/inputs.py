@@ -28,6 +28,10 @@ class SearchRange:
 # The ranges several methods share: a model's weight (a gradient), a sparsifier's kept share (one per model).
 WEIGHTS = SearchRange(0.0, 1.5, standard=1.0)
 DENSITIES = SearchRange(0.1, 1.0, standard=0.5, layered=False)
+# della draws each element's keep probability within density +/- epsilon, which must stay inside (0, 1): its
+# searched densities keep a margin of 0.05 from either end at mergekit's default epsilon.
+DELLA_EPSILON = 0.15
+DELLA_DENSITIES = SearchRange(DELLA_EPSILON + 0.05, 1.0 - DELLA_EPSILON - 0.05, standard=0.5, layered=False)
 INTERPOLATION = SearchRange(0.0, 1.0, standard=0.5)
 
 

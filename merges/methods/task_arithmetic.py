@@ -10,7 +10,15 @@ from enum import StrEnum
 import torch
 
 from safemerge.merges.methods import cpu_kernels
-from safemerge.merges.methods.inputs import DENSITIES, WEIGHTS, Param, TensorInputs, combine
+from safemerge.merges.methods.inputs import (
+    DELLA_DENSITIES,
+    DELLA_EPSILON,
+    DENSITIES,
+    WEIGHTS,
+    Param,
+    TensorInputs,
+    combine,
+)
 from safemerge.merges.methods.sparsify import RANDOM_MASKS, SPARSIFIERS, Sparsification, sparsified_l1
 
 
@@ -35,18 +43,25 @@ class TaskArithmetic:
         if self.role_weights:
             return tuple(Param(name, float, 1.0, per_model=True, search=WEIGHTS) for name in self.role_weights.values())
         sparsifying = self.sparsification != Sparsification.none
+        della = self.sparsification == Sparsification.della
         params = [
             Param("int8_mask", bool, False),  # mergekit's memory option; the result is the same either way
             Param("normalize", bool, self.normalize),
             Param("rescale", bool, self.rescale),
             Param("lambda", float, 1.0),
             Param("weight", float, None, per_model=True, search=WEIGHTS),
-            Param("density", float, 1.0, per_model=True, search=DENSITIES if sparsifying else None),
+            Param(
+                "density",
+                float,
+                1.0,
+                per_model=True,
+                search=(DELLA_DENSITIES if della else DENSITIES) if sparsifying else None,
+            ),
         ]
         if self.sparsification == Sparsification.breadcrumbs:
             params.append(Param("gamma", float, 0.01, per_model=True))
-        if self.sparsification == Sparsification.della:
-            params.append(Param("epsilon", float, 0.15, per_model=True))
+        if della:
+            params.append(Param("epsilon", float, DELLA_EPSILON, per_model=True))
         return tuple(params)
 
     def __call__(

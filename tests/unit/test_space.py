@@ -234,3 +234,16 @@ def test_the_grid_sampler_covers_the_papers_density_by_weight_grid_with_ties():
         assert all(entry["parameters"] == {"weight": weight, "density": density} for entry in recipe["models"])
         seen.add((weight, density))
     assert seen == {(w, d) for w in GRID_WEIGHTS for d in GRID_DENSITIES}
+
+
+@pytest.mark.parametrize("method", SEARCHABLE_METHODS)
+def test_every_proposal_of_the_space_is_a_recipe_the_engine_accepts(method, engine):
+    """The ranges of the method table must give recipes the engine plans, not recipes it refuses with a UserError
+    (a failed trial that spends budget): e.g. della's density must keep density +/- epsilon inside (0, 1)."""
+    from .support import NUM_LAYERS
+
+    config = make_config(methods=[method], layer_groups=2, module_filters=True)
+    study = random_study(seed=1)
+    for _ in range(40):
+        recipe = suggest_recipe(study.ask(), config, NUM_LAYERS)
+        assert engine.plan(parse_recipe(recipe, source=f"{method} proposal"))
