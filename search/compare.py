@@ -40,11 +40,14 @@ def variant(config: SearchConfig, suffix: str, **changes) -> SearchConfig:
     return SearchConfig.model_validate(data)
 
 
-def choose_for_shipping(points, expert_domain: float, tolerance: float = 0.05):
-    """The safest feasible merge whose dev domain accuracy is within `tolerance` of the expert's; else the one
-    with the best worst objective."""
+def choose_for_shipping(points, expert_domain: float, tolerance: float = 0.05, safety_floor: float = 0.0):
+    """The safest feasible merge whose dev domain accuracy is within `tolerance` of the expert's and whose dev
+    safety is at least `safety_floor` (in `compare`, the standard recipe's: a pick less safe than the merge a
+    practitioner tries first gives up what the search is for); else the one with the best worst objective."""
     feasible = [p for p in points if p.feasible]
-    close = [p for p in feasible if p.metrics["domain"] >= expert_domain - tolerance]
+    close = [
+        p for p in feasible if p.metrics["domain"] >= expert_domain - tolerance and p.metrics["safety"] >= safety_floor
+    ]
     if close:
         return max(close, key=lambda p: (p.metrics["safety"], p.metrics["domain"]))
     return max(feasible or points, key=lambda p: min(p.metrics["safety"], p.metrics["domain"]))
@@ -74,7 +77,9 @@ def compare(
         expert_domain = sum(expert_dev.values()) / len(expert_dev)
 
         num_layers = ray.get(first.num_layers.remote())
-        test_row(STANDARD, standard_recipe(config, "task_arithmetic", num_layers))
+        standard = standard_recipe(config, "task_arithmetic", num_layers)
+        test_row(STANDARD, standard)
+        standard_dev_safety = ray.get(first.evaluate.remote(standard, "dev"))["safety"]
         weights = lm_cocktail_weights(ray.get(first.reference_losses.remote("dev")))
         log(f"compare: LM-Cocktail weights {', '.join(f'{k} {v:.3f}' for k, v in weights.items())}")
         test_row(
@@ -104,7 +109,11 @@ def compare(
                 ),
                 lambda points: max(points, key=lambda p: p.metrics["domain"]),
             ),
-            (FULL_SEARCH, config, lambda points: choose_for_shipping(points, expert_domain)),
+            (
+                FULL_SEARCH,
+                config,
+                lambda points: choose_for_shipping(points, expert_domain, safety_floor=standard_dev_safety),
+            ),
         ]
         for label, search_config, choose in searches:
             tracker = Tracker(search_config)

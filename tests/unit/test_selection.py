@@ -121,6 +121,9 @@ def test_ship_the_safest_feasible_merge_that_keeps_the_experts_domain_skill():
     # Nothing feasible: the best worst objective among all.
     infeasible = [point(0, 0.5, 0.9, feasible=False), point(1, 0.7, 0.6, feasible=False)]
     assert choose_for_shipping(infeasible, expert_domain=0.95).number == 1
+    # The only merges close to the expert are less safe than the standard recipe: they are not shipped over it.
+    assert choose_for_shipping(points, expert_domain=0.74, safety_floor=0.95).number == 2
+    assert choose_for_shipping(points, expert_domain=0.74, safety_floor=0.90).number == 1
 
 
 def test_lm_cocktail_weights_are_a_softmax_of_minus_the_losses():
