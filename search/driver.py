@@ -259,7 +259,7 @@ def run_search(
     # The warm-start trials' first rungs start now, dealt round the idle workers, while Tune starts (seconds).
     head_starts = start_head_start(
         [define_by_run(optuna.trial.FixedTrial(point))["recipe"] for point in warm_points],
-        config.evaluation.rungs[0],
+        config.evaluation.rungs,
         workers,
         free_workers,
         timeout_s=config.evaluation.trial_timeout_s,

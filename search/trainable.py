@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 
 import ray
 from ray import tune
@@ -105,9 +106,7 @@ def ask_workers(workers: list, calls: list[tuple[str, tuple]], timeout_s: float 
     return results
 
 
-def await_evaluation(
-    evaluation, workers: list, index: int, faults: list[str], timeout_s: float | None
-) -> dict[str, float] | None:
+def await_evaluation(evaluation, workers: list, index: int, faults: list[str], timeout_s: float | None):
     """The result of worker `index`'s `evaluation` (an ObjectRef; never None itself); None when the worker died or
     hung, recorded in `faults` (a hung one is ended: as a restartable actor it comes back with fresh engines). An
     error of the recipe's own is raised."""
@@ -130,9 +129,11 @@ def evaluate_on_free_worker(
     *,
     timeout_s: float | None,
     fault_retries: int,
-) -> dict:
-    """Borrow a free worker, evaluate the recipe on the first `fidelity` of the dev split (again on a fault,
-    appended to `faults`), and hand the worker back."""
+    scored=None,
+) -> tuple[dict, object]:
+    """Borrow a free worker, evaluate the recipe on the first `fidelity` of the dev split, continuing from
+    `scored` (the share an earlier rung scored; again on a fault, appended to `faults`), and hand the worker back.
+    Returns the metrics and the share now scored (opaque here: search/trial.py's ScoredShare)."""
     # A trial queued behind a running one (the driver runs two trials per worker, so that no worker waits for Tune
     # between trials) may wait for that trial's whole evaluation and then its worker's restart.
     free_wait_s = hung_after_s(timeout_s) + restart_limit_s(timeout_s)
@@ -143,17 +144,17 @@ def evaluate_on_free_worker(
             raise WorkerFaults(f"no worker was free for {free_wait_s:g} s; faults so far: {faults}") from error
         healthy = True  # also when the recipe's own error is raised: the worker serves on
         try:
-            metrics = await_evaluation(
-                workers[index].evaluate.remote(recipe, "dev", fidelity), workers, index, faults, timeout_s
+            answer = await_evaluation(
+                workers[index].evaluate_rung.remote(recipe, "dev", fidelity, scored), workers, index, faults, timeout_s
             )
-            healthy = metrics is not None
+            healthy = answer is not None
         finally:
             # A worker goes back to the pool only once it serves: a dead one, or one that does not come back from
             # its restart in time, is never handed out.
             if healthy or serves_again(workers[index], timeout_s):
                 free_workers.put(index)
-        if metrics is not None:
-            return metrics
+        if answer is not None:
+            return answer
         if len(faults) > fault_retries:
             raise WorkerFaults(
                 f"the trial's evaluation was interrupted {len(faults)} times ({'; '.join(faults)}); "
@@ -173,21 +174,28 @@ def recipe_key(recipe: dict) -> str:
 
 
 def start_head_start(
-    recipes: list[dict], fidelity: float, workers: list, free_workers: Queue, timeout_s: float | None
+    recipes: list[dict], rungs: Sequence[float], workers: list, free_workers: Queue, timeout_s: float | None
 ) -> dict[str, tuple]:
-    """Start the first rung of the warm-start trials now, before Tune is up, dealt round the workers (an actor runs
-    its calls in turn): Tune's start costs seconds, and at zoo scale a search lasts tens of them, so the workers
-    would otherwise wait through it. Returns recipe key -> (ObjectRef of the evaluation, worker index), which the
-    trials of those recipes read instead of evaluating (`run_trial`); a thread hands each worker back to the pool
-    when its last such evaluation ends (after a restart, once it serves again)."""
+    """Start the warm-start trials' evaluations now, before Tune is up, dealt round the workers (an actor runs its
+    calls in turn): Tune's start costs seconds, and at zoo scale a search lasts tens of them, so the workers would
+    otherwise wait through it. Every rung is started, each continuing from the one before (the first rungs of a
+    worker's recipes first, so their trials can report early); a warm start is a method's standard recipe, which
+    the scheduler stops at a rung only when it breaks a constraint, so a later rung is seldom evaluated in vain.
+    Returns recipe key -> (one [metrics, scored share] pair of ObjectRefs per rung, worker index), which the trials
+    of those recipes read instead of evaluating (`run_trial`); a thread hands each worker back to the pool when
+    its last such evaluation ends (after a restart, once it serves again)."""
     indices = [free_workers.get(block=True) for _ in range(min(len(recipes), len(workers)))]
-    started: dict[str, tuple] = {}
-    for turn, recipe in enumerate(recipes):
-        index = indices[turn % len(indices)]
-        started[recipe_key(recipe)] = (workers[index].evaluate.remote(recipe, "dev", fidelity), index)
+    chains: dict[str, tuple[list, int]] = {}
+    for fidelity in rungs:
+        for turn, recipe in enumerate(recipes):
+            index = indices[turn % len(indices)]
+            chain = chains.setdefault(recipe_key(recipe), ([], index))[0]
+            scored = chain[-1][1] if chain else None  # resolved by Ray when the previous rung ends
+            evaluate = workers[index].evaluate_rung.options(num_returns=2)
+            chain.append(evaluate.remote(recipe, "dev", fidelity, scored))
 
     def hand_back() -> None:
-        pending = {ref: index for ref, index in started.values()}
+        pending = {metrics: index for chain, index in chains.values() for metrics, _ in chain}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
@@ -195,7 +203,7 @@ def start_head_start(
                 free_workers.put(index)
 
     threading.Thread(target=hand_back, name="head-start-hand-back", daemon=True).start()
-    return started
+    return chains
 
 
 def run_trial(
@@ -210,8 +218,8 @@ def run_trial(
 ) -> None:
     """Evaluate the recipe on each rung's share of the dev split in turn, reporting a flat dict of metrics after
     each: the search's scheduler may stop the trial at any report (search/fidelity.py). The worker is back in the
-    pool before each report, so a trial stopped there holds none. A recipe in `head_starts` takes its first rung
-    from the evaluation the driver started before Tune (`start_head_start`); a repeat of a recipe already scored
+    pool before each report, so a trial stopped there holds none. A recipe in `head_starts` takes its rungs from the
+    evaluations the driver started before Tune (`start_head_start`); a repeat of a recipe already scored
     reports the figures the searcher gave it, and evaluates nothing."""
     recipe_json = recipe_key(trial_config["recipe"])
     repeat = trial_config.get(REPEAT_OF)
@@ -219,15 +227,16 @@ def run_trial(
         tune.report({**repeat["metrics"], REPEAT_OF: float(repeat["trial"]), "recipe_json": recipe_json})
         return
     faults: list[str] = []
-    head_start = (head_starts or {}).get(recipe_json)
+    chain, index = (head_starts or {}).get(recipe_json, ([], None))
+    scored = None  # what the rungs so far scored: the next rung, on whichever worker is free, adds to it
     for rung, fidelity in enumerate(rungs):
-        # A head start whose worker died or hung counts as a fault; the rung is then evaluated on a free worker.
-        metrics = None
-        if rung == 0 and head_start:
-            evaluation, index = head_start
-            metrics = await_evaluation(evaluation, workers, index, faults, timeout_s)
-        if metrics is None:
-            metrics = evaluate_on_free_worker(
+        answer = None
+        if rung < len(chain):
+            answer = await_evaluation(chain[rung], workers, index, faults, timeout_s)
+            if answer is None:  # its worker died or hung (a fault): this rung and the rest run on free workers
+                chain = []
+        if answer is None:
+            answer = evaluate_on_free_worker(
                 trial_config["recipe"],
                 fidelity,
                 workers,
@@ -235,5 +244,7 @@ def run_trial(
                 faults,
                 timeout_s=timeout_s,
                 fault_retries=fault_retries,
+                scored=scored,
             )
+        metrics, scored = answer
         tune.report({**metrics, "worker_faults": float(len(faults)), "recipe_json": recipe_json})

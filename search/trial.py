@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -54,6 +55,15 @@ def trial_metric_names(config: SearchConfig) -> list[str]:
 def single_model_recipe(role: str) -> dict:
     """The recipe that scores one input model as it is (a baseline: the aligned model, an expert)."""
     return {"merge_method": "linear", "models": [{"model": role, "parameters": {"weight": 1.0}}]}
+
+
+@dataclass(frozen=True)
+class ScoredShare:
+    """What scoring a recipe on a share of a split found so far: (recipe key, split), the share, the verdicts."""
+
+    key: tuple[str, str]
+    share: float
+    judged: Judged
 
 
 class WorkerUnusable(RuntimeError):
@@ -108,8 +118,8 @@ class TrialWorker:
             for name, task in self.config.lm_eval_tasks().items()
         }
         self._loaded = parse_recipe(single_model_recipe(BASE_ROLE), source="base recipe")  # what the engines hold
-        # The last evaluation's (recipe and split, share of the split, verdicts): the next rung adds to it.
-        self._partial: tuple[tuple[str, str] | None, float, Judged] = (None, 0.0, Judged())
+        # The last evaluation's scored share: a direct caller's next rung of the same recipe adds to it.
+        self._partial: ScoredShare | None = None
         self.evaluation_times: list[tuple[float, float]] = []  # (start, end) of each evaluation, epoch seconds
         self.setup_seconds = time.perf_counter() - started
 
@@ -154,27 +164,35 @@ class TrialWorker:
 
     def evaluate(self, recipe: dict, split: str = "dev", fidelity: float = 1.0) -> dict[str, float]:
         """Every objective of one recipe on the first `fidelity` of one split (stratified), plus this worker's
-        index and the evaluation's duration. A multi-fidelity trial asks for its rungs in turn: when this worker
-        scored the same recipe on a smaller share last, only the rows the rung adds are generated and judged."""
+        index and the evaluation's duration. When this worker scored the same recipe on a smaller share last (a
+        caller asking for rungs in turn), only the rows the rung adds are generated and judged."""
+        return self.evaluate_rung(recipe, split, fidelity, self._partial)[0]
+
+    def evaluate_rung(
+        self, recipe: dict, split: str, fidelity: float, scored: ScoredShare | None = None
+    ) -> tuple[dict[str, float], ScoredShare]:
+        """`evaluate`, continuing from `scored` (what an earlier rung of this recipe scored, on any worker; None:
+        nothing yet): the rows up to its share are not generated again. A search's trial carries its scored share
+        from rung to rung, as the next rung runs on whichever worker is free, after other trials' evaluations.
+        Returns the metrics and the share scored now."""
         started, started_at = time.perf_counter(), time.time()
         key = (recipe_key(recipe), split)
-        done_key, done_share, judged = self._partial
-        if done_key != key or done_share >= fidelity:
-            done_share, judged = 0.0, Judged()
+        if scored is None or scored.key != key or scored.share >= fidelity:
+            scored = ScoredShare(key, 0.0, Judged())
         try:
             self.load(recipe)
             evaluation = self.config.evaluation
-            judged = judged + judge_prompts(
+            judged = scored.judged + judge_prompts(
                 self.generator,
-                self._eval_set(split).between(done_share, fidelity),
+                self._eval_set(split).between(scored.share, fidelity),
                 self.judge,
                 max_tokens=evaluation.max_tokens,
                 ce_scorer=self.ce_scorer,
             )
             metrics = metrics_of(judged, list(self.config.models.experts), evaluation.alpha)
-            self._partial = (key, fidelity, judged)
+            self._partial = ScoredShare(key, fidelity, judged)
         except Exception as error:
-            self._partial = (None, 0.0, Judged())
+            self._partial = None
             if isinstance(error, WorkerUnusable) or fatal_engine_error(error):
                 end_actor_process(error)
             raise
@@ -182,7 +200,7 @@ class TrialWorker:
             elapsed = time.perf_counter() - started
             self.evaluation_times.append((started_at, started_at + elapsed))
         worker = dict(zip(WORKER_METRICS, (float(self.worker_index), elapsed, fidelity), strict=True))
-        return {**metrics, **worker}
+        return {**metrics, **worker}, self._partial
 
     def reference_losses(self, split: str = "dev") -> dict[str, float]:
         """Each input model's mean reference cross-entropy on the split (LM-Cocktail's weights come from it)."""

@@ -38,7 +38,7 @@ def titled(process: psutil.Process, title: str) -> bool:
 
 
 def evaluating_worker(driver: subprocess.Popen) -> psutil.Process | None:
-    """The driver's worker process while it runs a trial: Ray titles it `ray::TrialWorker.evaluate`, and so
+    """The driver's worker process while it runs a trial: Ray titles it `ray::TrialWorker.evaluate_rung`, and so
     are the children it forks (compile workers), so the one whose parent is not."""
     title = "TrialWorker.evaluate"
     for process in psutil.Process(driver.pid).children(recursive=True):
@@ -166,10 +166,10 @@ class StoppableWorker:
     def num_layers(self) -> int:
         return 2
 
-    def evaluate(self, recipe: dict, split: str, fidelity: float) -> dict:
+    def evaluate_rung(self, recipe: dict, split: str, fidelity: float, scored=None) -> tuple[dict, float]:
         time.sleep(1.0)
         metrics = {name: recipe["x"] for name in ("safety", "domain")}
-        return {**metrics, "over_refusal": 0.0, "fidelity": fidelity}
+        return {**metrics, "over_refusal": 0.0, "fidelity": fidelity}, fidelity
 
 
 def test_head_started_evaluations_that_hang_are_ended_and_their_trials_run_again(local_ray, tmp_path):
@@ -184,7 +184,7 @@ def test_head_started_evaluations_that_hang_are_ended_and_their_trials_run_again
         study, space, config.objectives, ["safety", "domain", "over_refusal", "worker_faults"], points_to_evaluate=warm
     )
     recipes = [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm]
-    head_starts = start_head_start(recipes, 1.0, [worker], free_workers, timeout_s=10.0)
+    head_starts = start_head_start(recipes, (1.0,), [worker], free_workers, timeout_s=10.0)
     first.send_signal(signal.SIGSTOP)  # both head starts, dealt to the one worker, hang
     trainable = tune.with_parameters(
         run_trial, workers=[worker], free_workers=free_workers, timeout_s=10.0, fault_retries=2, head_starts=head_starts

@@ -130,18 +130,23 @@ class CountingWorker:
 
     def __init__(self) -> None:
         self.calls: list[tuple[float, float]] = []
+        self.continued: list[tuple[float, float, tuple | None]] = []  # (x, fidelity, the scored share it was given)
 
-    def evaluate(self, recipe: dict, split: str, fidelity: float) -> dict:
+    def evaluate_rung(self, recipe: dict, split: str, fidelity: float, scored=None) -> tuple[dict, tuple]:
         self.calls.append((time.time(), recipe["x"]))
+        self.continued.append((recipe["x"], fidelity, scored))
         time.sleep(0.3)
         metrics = {name: recipe["x"] for name in ("safety", "domain")}
-        return {**metrics, "over_refusal": 0.0, "fidelity": fidelity}
+        return {**metrics, "over_refusal": 0.0, "fidelity": fidelity}, (recipe["x"], fidelity)
 
     def num_layers(self) -> int:
         return 2
 
     def evaluations(self) -> list[tuple[float, float]]:
         return self.calls
+
+    def rungs(self) -> list[tuple[float, float, tuple | None]]:
+        return self.continued
 
 
 def timed_run_trial(trial_config: dict, started_dir: str, **options) -> None:
@@ -183,7 +188,7 @@ def test_the_first_trials_take_the_evaluations_started_before_tune(local_ray, tm
         study, space, config.objectives, ["safety", "domain", "over_refusal"], points_to_evaluate=warm
     )
     head_starts = start_head_start(
-        [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm], 1.0, workers, free_workers, 60.0
+        [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm], (1.0,), workers, free_workers, 60.0
     )
     assert {index for _, index in head_starts.values()} == {0, 1}  # dealt round both workers
     started_dir = tmp_path / "trial-starts"
@@ -223,3 +228,38 @@ def test_a_recipe_proposed_again_is_reported_from_its_first_trial_and_not_evalua
     assert [t.user_attrs.get("repeat_of") for t in study.trials] == [None, 0, 0]
     assert len({tuple(t.values) for t in study.trials}) == 1
     assert len(ray.get(workers[0].evaluations.remote())) == 1  # evaluated once
+
+
+def test_each_rung_continues_from_the_share_the_trial_scored_on_whichever_worker_runs_it(local_ray, tmp_path):
+    config = make_config(**{"evaluation.rungs": list(RUNGS)})
+    workers, free_workers = counting_pool(2)
+    study = optuna.create_study(
+        directions=config.objectives.directions(), sampler=optuna.samplers.RandomSampler(seed=3)
+    )
+    warm = [{"x": 0.3}, {"x": 0.6}, {"x": 0.9}]
+    searcher = StudySearcher(
+        study, space, config.objectives, ["safety", "domain", "over_refusal", "fidelity"], points_to_evaluate=warm
+    )
+    # The warm starts' rungs all start before Tune, each continuing from the one before on its worker.
+    head_starts = start_head_start(
+        [space(optuna.trial.FixedTrial(point))["recipe"] for point in warm], RUNGS, workers, free_workers, 60.0
+    )
+    trainable = tune.with_parameters(
+        run_trial,
+        workers=workers,
+        free_workers=free_workers,
+        timeout_s=60.0,
+        fault_retries=0,
+        rungs=RUNGS,
+        head_starts=head_starts,
+    )
+    # Four trials on two workers: other trials' rungs run between a trial's two, on either worker.
+    fit(trainable, searcher, tmp_path, trials=7, concurrent=4)
+
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 7
+    rungs = [call for worker in workers for call in ray.get(worker.rungs.remote())]
+    # One evaluation per trial and rung: the head-started ones were taken, not run again.
+    assert sorted(fidelity for _, fidelity, _ in rungs) == [RUNGS[0]] * 7 + [RUNGS[1]] * 7
+    for x, fidelity, scored in rungs:
+        # The first rung starts from nothing; the second is handed what the trial's first rung scored.
+        assert scored == (None if fidelity == RUNGS[0] else (x, RUNGS[0])), rungs

@@ -16,9 +16,16 @@ from safemerge.evaluators import synthetic
 from safemerge.evaluators.generation import HFGenerator
 from safemerge.evaluators.judges import RefusalJudge
 from safemerge.evaluators.metrics import wilson_interval
-from safemerge.evaluators.objectives import DomainSet, judge_multiple_choice, judge_prompts, load_eval_set, metrics_of
+from safemerge.evaluators.objectives import (
+    DomainSet,
+    Judged,
+    judge_multiple_choice,
+    judge_prompts,
+    load_eval_set,
+    metrics_of,
+)
 from safemerge.search.config import load_config
-from safemerge.search.trial import TrialWorker, single_model_recipe, trial_metric_names
+from safemerge.search.trial import ScoredShare, TrialWorker, single_model_recipe, trial_metric_names
 from tests.conftest import REPO, SEED, report_figure
 
 
@@ -139,6 +146,12 @@ def test_a_search_worker_scores_a_multiple_choice_domain_rung_by_rung(zoo_dir, c
         first_rung = worker.evaluate(recipe, fidelity=0.5)
         full = worker.evaluate(recipe, fidelity=1.0)  # adds the other half's questions to the first rung's
         fresh = worker.evaluate(single_model_recipe("aligned"), fidelity=1.0)
+        # A search's trial carries its scored share to the next rung, which may run after other recipes: the
+        # continuation generates the second half only, as that half scored alone does.
+        half, scored = worker.evaluate_rung(recipe, "dev", 0.5)
+        worker.evaluate(single_model_recipe("aligned"), fidelity=0.5)
+        continued, _ = worker.evaluate_rung(recipe, "dev", 1.0, scored)
+        second_half, _ = worker.evaluate_rung(recipe, "dev", 1.0, ScoredShare(scored.key, 0.5, Judged()))
     finally:
         worker.close()
     names = trial_metric_names(config)
@@ -146,3 +159,6 @@ def test_a_search_worker_scores_a_multiple_choice_domain_rung_by_rung(zoo_dir, c
         assert {"domain_medical", "domain_medical_acc", "domain_medical_acc_norm"} <= set(metrics) <= set(names)
     assert full["domain_medical"] == full["domain_medical_acc_norm"] == 1.0
     assert fresh["domain_medical_acc_norm"] < 1.0 and full["fidelity"] == 1.0
+    assert continued["domain_medical"] == 1.0 and continued["fidelity"] == 1.0
+    assert continued["generated_tokens"] == half["generated_tokens"] + second_half["generated_tokens"]
+    assert 0 < second_half["generated_tokens"] < continued["generated_tokens"]
