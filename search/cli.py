@@ -57,7 +57,13 @@ def config_overrides(args: argparse.Namespace) -> dict:
             raise UserError(f"--set {item!r} must look like KEY=VALUE, for example evaluation.limit=20")
         import yaml
 
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:  # `>= 0.5` reads as a YAML block scalar: one line, and the fix
+            reason = str(error).splitlines()[0]
+            raise UserError(
+                f"--set {item!r}: the value is not YAML ({reason}); quote it, for example {key}='{value}'"
+            ) from None
     return overrides
 
 

@@ -197,6 +197,16 @@ def test_a_set_without_key_and_value_is_a_user_error_naming_it(item):
     assert f"--set {item!r} must look like KEY=VALUE" in str(error.value)
 
 
+def test_a_set_value_that_is_not_yaml_is_a_user_error_saying_to_quote_it():
+    # `>` opens a YAML block scalar: a constraint written as on the config's line must be quoted on the command line.
+    args = build_parser().parse_args(["search", "run", "c.yaml", "--set", "objectives.constraints.domain=>= 0.5"])
+    with pytest.raises(UserError, match="the value is not YAML") as error:
+        config_overrides(args)
+    assert "quote it, for example objectives.constraints.domain='>= 0.5'" in str(error.value)
+    quoted = build_parser().parse_args(["search", "run", "c.yaml", "--set", "objectives.constraints.domain='>= 0.5'"])
+    assert config_overrides(quoted) == {"objectives.constraints.domain": ">= 0.5"}
+
+
 def test_a_bad_set_through_the_cli_is_one_line_and_exit_code_2(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(config_data()))
