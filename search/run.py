@@ -69,7 +69,11 @@ def finalize_search(
     points = study_points(study)
     front = front_of(study, config)
     failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
-    log(f"{config.name}: {len(points)} trials completed, {failed} failed, {len(front)} on the feasible Pareto front")
+    pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+    log(
+        f"{config.name}: {len(points)} trials completed, {f'{pruned} pruned, ' if pruned else ''}{failed} failed, "
+        f"{len(front)} on the feasible Pareto front"
+    )
     folder = search_folder(config)
 
     # A call to a worker a fault hit in the last trial waits for its restart; a hung one is ended as trials do.

@@ -175,7 +175,9 @@ class Tracker:
                 logged.add(run.data.tags.get(TRIAL_TAG))
             else:  # cut off mid-logging by an outage or a crash: removed, and logged again below
                 self.client.delete_run(run.info.run_id)
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        # A pruned trial too: stopped at an early rung by the multi-fidelity scheduler, with its partial figures
+        # (`fidelity` below 1) and the tokens it spent; its run is FINISHED, its `state` tag PRUNED.
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
         created = 0
         for trial in study.get_trials(deepcopy=False, states=states):
             if str(trial.number) not in logged:
@@ -210,7 +212,7 @@ class Tracker:
         )
         for start in range(PARAMS_PER_BATCH, len(params), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[start : start + PARAMS_PER_BATCH])
-        self.client.set_terminated(run_id, status="FINISHED" if trial.state.name == "COMPLETE" else "FAILED")
+        self.client.set_terminated(run_id, status="FAILED" if trial.state.name == "FAIL" else "FINISHED")
         self.client.set_tag(run_id, COMPLETE_TAG, "true")
 
     def trial_runs(self) -> dict[int, str]:

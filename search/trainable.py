@@ -107,9 +107,9 @@ def ask_workers(workers: list, calls: list[tuple[str, tuple]], timeout_s: float 
 
 
 def await_evaluation(evaluation, workers: list, index: int, faults: list[str], timeout_s: float | None):
-    """The result of worker `index`'s `evaluation` (an ObjectRef; never None itself); None when the worker died or
-    hung, recorded in `faults` (a hung one is ended: as a restartable actor it comes back with fresh engines). An
-    error of the recipe's own is raised."""
+    """The result of worker `index`'s `evaluation` (an ObjectRef, or a list of them for a call with several
+    returns; never None itself); None when the worker died or hung, recorded in `faults` (a hung one is ended: as a
+    restartable actor it comes back with fresh engines). An error of the recipe's own is raised."""
     try:
         return ray.get(evaluation, timeout=timeout_s)
     except GetTimeoutError:

@@ -279,6 +279,56 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
 
 
 @pytest.mark.vllm
+def test_a_multi_fidelity_search_records_its_pruned_trials_with_their_partial_figures(tmp_path, zoo_dir, data_dir):
+    """A real search in two rungs on the zoo: a trial whose optimistic bounds break a constraint at its first rung
+    (here domain >= 0.5 for a merge given no domain vector) stops there, and is recorded, in the study and in
+    MLflow, as pruned with its partial figures and the tokens it spent; the front holds whole-split trials only."""
+    name, storage = "multi-fidelity", f"sqlite:///{tmp_path}/optuna.db"
+    standard = standard_points(zoo_config(), 4)[0]  # task arithmetic 1/1: domain far above 0.5
+    no_domain = {**standard, **{key: 0.0 for key in standard if ".medical." in key}}
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "maximize"])
+    study.enqueue_trial(standard)
+    study.enqueue_trial(no_domain)
+    args = search_overrides(tmp_path, name, 4, f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir, quick=False)
+    # 40 prompts a set: a first rung of 10 domain questions, whose upper bound at 0 right is below 0.5.
+    args += ["--set", "evaluation.limit=40", "--set", "methods=[task_arithmetic, ties]"]
+    args += ["--set", "evaluation.rungs=[0.25, 1.0]", "--set", "objectives.constraints.domain='>= 0.5'"]
+    result = subprocess.run(
+        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pruned at 0.25 of the dev split" in result.stdout, result.stdout
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = {trial.number: trial.state for trial in study.trials}
+    assert len(states) == 4 and states[0] == optuna.trial.TrialState.COMPLETE, states
+    assert states[1] == optuna.trial.TrialState.PRUNED, states
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    for trial in pruned:
+        metrics = trial.user_attrs["metrics"]
+        assert metrics["fidelity"] == 0.25 and metrics["generated_tokens"] > 0
+        assert {"safety", "domain", "domain_hi", "over_refusal"} <= set(metrics)
+    assert study.trials[1].user_attrs["metrics"]["domain_hi"] < 0.5
+    assert study.trials[0].user_attrs["metrics"]["fidelity"] == 1.0
+    assert f"{len(pruned)} pruned" in result.stdout
+
+    summary = json.loads((tmp_path / "searches" / name / "pareto.json").read_text())
+    assert summary["front"] and {entry["trial"] for entry in summary["front"]}.isdisjoint(t.number for t in pruned)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("safemerge")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`safemerge.search` = '{name}'")
+    children = {int(r.data.tags["safemerge.trial"]): r for r in runs if r.data.tags["safemerge.role"] == "trial"}
+    assert set(children) == set(states)  # every trial has its run, the pruned ones included
+    for trial in pruned:
+        run = children[trial.number]
+        assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
+        assert run.data.tags["pareto"] == "false" and run.data.metrics["fidelity"] == 0.25
+
+
+@pytest.mark.vllm
 def test_a_search_over_the_safety_aware_and_new_methods_runs_end_to_end(tmp_path, zoo_dir, data_dir):
     """Each method's standard recipe as the warm start (one trial each), then its front materialized and exported:
     selective_layers by a worker (its layers come from the weights), as mergekit's task_arithmetic."""
