@@ -256,7 +256,7 @@ def run_search(
         points_to_evaluate=warm_points,
         budget_exhausted=progress.spend_exhausted,
     )
-    # The warm-start trials' first rungs start now, dealt round the idle workers, while Tune starts (seconds).
+    # The warm-start trials' evaluations, every rung, start now, dealt round the idle workers, while Tune starts.
     head_starts = start_head_start(
         [define_by_run(optuna.trial.FixedTrial(point))["recipe"] for point in warm_points],
         config.evaluation.rungs,
