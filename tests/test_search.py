@@ -167,6 +167,17 @@ def search_overrides(
     return args
 
 
+def run_zoo_search(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """`safemerge search run configs/zoo.yaml ARGS` (`search_overrides` and more), run in tmp_path."""
+    return subprocess.run(
+        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+
+
 def on_search(tmp_path: Path, verb: str, name: str) -> subprocess.CompletedProcess:
     """`safemerge search VERB NAME` (resume, sync) on a search whose folder is under tmp_path (`search_overrides`)."""
     return subprocess.run(
@@ -202,19 +213,7 @@ def test_search_against_a_real_mlflow_server(tmp_path, mlflow_server, zoo_dir, d
     # A user's warm start that cannot merge: an overflowing weight. The search must record it as failed.
     study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "maximize"])
     study.enqueue_trial({"method": "task_arithmetic", "task_arithmetic.aligned.weight.self_attn.g0": 1e39})
-    result = subprocess.run(
-        [
-            SAFEMERGE,
-            "search",
-            "run",
-            str(REPO / "configs/zoo.yaml"),
-            *search_overrides(tmp_path, name, 5, mlflow_server, zoo_dir, data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    result = run_zoo_search(tmp_path, search_overrides(tmp_path, name, 5, mlflow_server, zoo_dir, data_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[5/5]" in result.stdout and "failed 1" in result.stdout
     # Off a terminal, one line per finished trial and none of the libraries' banners (all seen here before
@@ -293,13 +292,7 @@ def test_a_multi_fidelity_search_records_its_pruned_trials_with_their_partial_fi
     # 40 prompts a set: a first rung of 10 domain questions, whose upper bound at 0 right is below 0.5.
     args += ["--set", "evaluation.limit=40", "--set", "methods=[task_arithmetic, ties]"]
     args += ["--set", "evaluation.rungs=[0.25, 1.0]", "--set", "objectives.constraints.domain='>= 0.5'"]
-    result = subprocess.run(
-        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    result = run_zoo_search(tmp_path, args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pruned at 0.25 of the dev split" in result.stdout, result.stdout
     study = optuna.load_study(study_name=name, storage=storage)
@@ -336,13 +329,7 @@ def test_a_search_over_the_safety_aware_and_new_methods_runs_end_to_end(tmp_path
     name, storage = "new-methods", f"sqlite:///{tmp_path}/optuna.db"
     args = search_overrides(tmp_path, name, len(methods), f"sqlite:///{tmp_path}/mlflow.db", zoo_dir, data_dir)
     args += ["--set", f"methods=[{', '.join(methods)}]"]
-    result = subprocess.run(
-        [SAFEMERGE, "search", "run", str(REPO / "configs/zoo.yaml"), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    result = run_zoo_search(tmp_path, args)
     assert result.returncode == 0, result.stderr[-3000:]
     # A sqlite store: the command that serves it, with its absolute path, instead of a path with a URL fragment.
     assert f"`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}`" in result.stdout, result.stdout
