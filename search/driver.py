@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import optuna
@@ -176,33 +176,63 @@ def open_storage(config: SearchConfig) -> tuple[optuna.storages.RDBStorage, optu
     return storage, open_study(config, storage)
 
 
-@contextlib.contextmanager
-def worker_pool(config: SearchConfig) -> Iterator[list]:
-    """Ray (local unless RAY_ADDRESS names a cluster) and the config's worker actors, killed on exit."""
-    from safemerge.search.trial import start_workers
+class WorkerPool(Sequence):
+    """The config's worker actors, started (Ray too, local unless RAY_ADDRESS names a cluster) on first use: the
+    resume of a finished search, whose front a finalize has tested and recorded, loads no model and starts no
+    engine (minutes at real scale). A sequence of actor handles once started."""
 
-    if not ray.is_initialized():
-        # "local" unless RAY_ADDRESS is set (as inside a Ray job): never a cluster that a stale
-        # /tmp/ray/ray_current_cluster file names.
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        # A local Ray offers one more logical CPU than the workers take: Tune's trial coordinators (0.01 CPU
-        # each) must fit beside them, or a search with one worker per core never schedules a trial.
-        needed = math.ceil(config.workers.count * config.workers.cpus) + 1 if config.workers.count != "auto" else 0
-        ray.init(
-            address=address,
-            num_cpus=max(os.cpu_count() or 1, needed) if address == "local" else None,
-            include_dashboard=False,
-            # The workers' output (vLLM's engine logs, prefixed `(TrialWorker pid=...)`) only with --verbose: a
-            # worker's error reaches the console as its trial's failure.
-            log_to_driver=libraries_verbose(),
-            configure_logging=False,
-        )
-    workers = start_workers(config)
-    try:
-        yield workers
-    finally:
-        for worker in workers:
+    def __init__(self, config: SearchConfig) -> None:
+        self.config = config
+        self._workers: list | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._workers is not None
+
+    def _started(self) -> list:
+        if self._workers is None:
+            from safemerge.search.trial import start_workers
+
+            if not ray.is_initialized():
+                # "local" unless RAY_ADDRESS is set (as inside a Ray job): never a cluster that a stale
+                # /tmp/ray/ray_current_cluster file names.
+                address = os.environ.get("RAY_ADDRESS") or "local"
+                # A local Ray offers one more logical CPU than the workers take: Tune's trial coordinators (0.01
+                # CPU each) must fit beside them, or a search with one worker per core never schedules a trial.
+                count, cpus = self.config.workers.count, self.config.workers.cpus
+                needed = math.ceil(count * cpus) + 1 if count != "auto" else 0
+                ray.init(
+                    address=address,
+                    num_cpus=max(os.cpu_count() or 1, needed) if address == "local" else None,
+                    include_dashboard=False,
+                    # The workers' output (vLLM's engine logs, prefixed `(TrialWorker pid=...)`) only with
+                    # --verbose: a worker's error reaches the console as its trial's failure.
+                    log_to_driver=libraries_verbose(),
+                    configure_logging=False,
+                )
+            self._workers = start_workers(self.config)
+        return self._workers
+
+    def __getitem__(self, index):
+        return self._started()[index]
+
+    def __len__(self) -> int:
+        return len(self._started())
+
+    def close(self) -> None:
+        for worker in self._workers or []:
             ray.kill(worker)
+        self._workers = None
+
+
+@contextlib.contextmanager
+def worker_pool(config: SearchConfig) -> Iterator[WorkerPool]:
+    """The config's worker pool (started on first use), its actors killed on exit."""
+    pool = WorkerPool(config)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 def prepare_search(config: SearchConfig, log: Callable[[str], None] = print) -> tuple[optuna.Study, int]:
@@ -225,11 +255,12 @@ def search_folder(config: SearchConfig) -> Path:
 
 def run_search(
     config: SearchConfig,
-    workers: list,
+    workers: Sequence,
     on_trial_finished: Callable[[optuna.Study], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> optuna.Study:
-    """Run (or continue) the search to its budget on `workers`; returns the Optuna study."""
+    """Run (or continue) the search to its budget on `workers` (actor handles, or a WorkerPool, which starts only
+    when trials remain); returns the Optuna study."""
     study, remaining = prepare_search(config, log)
     if remaining == 0:
         log(f"{config.name}: all {config.trials} trials already finished")
@@ -239,6 +270,7 @@ def run_search(
     progress = Progress(config, study, done, finished, log)
     if progress.spend_exhausted() is not None:  # a resumed search whose budget is spent: nothing to run
         return study
+    workers = list(workers)  # the actor handles (a WorkerPool starts here): Tune's trial processes get these
     num_layers = ray.get(workers[0].num_layers.remote())
     free_workers = Queue()
     for index in range(len(workers)):

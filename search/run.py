@@ -31,6 +31,7 @@ from safemerge.search.trainable import ask_workers, restart_limit_s
 
 SUMMARY = "pareto.json"
 ARTIFACTS = "mlflow-artifacts"  # the parent run's artifacts, kept until MLflow has them
+SIMILARITY = "similarity.json"  # the similarity metrics and the layer groups they were computed for
 
 
 def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: bool = True) -> dict:
@@ -48,6 +49,8 @@ def execute(config: SearchConfig, log: Callable[[str], None] = print, finalize: 
                 study = run_search(config, workers, on_trial_finished=tracker.sync_trials_soon, log=log)
                 if finalize:
                     summary = finalize_search(config, study, workers, tracker, log)
+                    if not workers.started:
+                        log(f"{config.name}: an earlier finalize had tested and recorded this front; no worker started")
                 else:
                     tracker.sync_trials(study)
                     summary = {}
@@ -83,6 +86,11 @@ def finalize_search(
 
     history = hypervolume_history(points, config.objectives)
     recipes = {p.number: study.trials[p.number].user_attrs["recipe"] for p in front}
+    earlier = {
+        entry["trial"]: entry
+        for entry in (read_summary(folder) or {}).get("front", [])
+        if entry["recipe"] == recipes.get(entry["trial"])
+    }
     with atomic_output_dir(folder / ARTIFACTS, force=True) as artifacts:
         (artifacts / "hypervolume.json").write_text(
             json.dumps(
@@ -100,19 +108,22 @@ def finalize_search(
             artifacts,
             {p.number: study.trials[p.number].user_attrs["recipe"]["merge_method"] for p in points},
         )
-        [(table, similarity_metrics)] = ask([("similarity", (config.layer_groups,))])
+        # What an earlier finalize wrote and still holds for this front is kept: a finished search's resume asks
+        # the workers nothing, so they never start (search/driver.py WorkerPool).
+        similarity = read_similarity(folder / ARTIFACTS, config.layer_groups)
+        if similarity is None:
+            [similarity] = ask([("similarity", (config.layer_groups,))])
+        table, similarity_metrics = similarity
         (artifacts / "similarity.txt").write_text(table + "\n")
+        (artifacts / SIMILARITY).write_text(
+            json.dumps({"layer_groups": config.layer_groups, "metrics": similarity_metrics}, indent=2)
+        )
         (artifacts / "recipes").mkdir()
-        numbers = list(recipes)
-        texts = ask([("mergekit_yaml", (recipes[n],)) for n in numbers])
-        for number, text in zip(numbers, texts, strict=True):
-            (artifacts / "recipes" / f"trial-{number}.yaml").write_text(text)
-
-    earlier = {
-        entry["trial"]: entry
-        for entry in (read_summary(folder) or {}).get("front", [])
-        if entry["recipe"] == recipes.get(entry["trial"])
-    }
+        texts = {number: earlier_yaml(folder, number) for number in earlier}
+        missing = [number for number in recipes if texts.get(number) is None]
+        texts.update(zip(missing, ask([("mergekit_yaml", (recipes[n],)) for n in missing]), strict=True))
+        for number in recipes:
+            (artifacts / "recipes" / f"trial-{number}.yaml").write_text(texts[number])
     # Test split, in parallel over the workers: the search never saw it.
     untested = [p for p in front if p.number not in earlier]
     tested = ask([("evaluate", (recipes[p.number], "test")) for p in untested])
@@ -165,6 +176,23 @@ def finalize_search(
     write_json_atomic(folder / SUMMARY, summary)  # the record first: MLflow may not answer
     mirror(tracker, study, summary, folder, log)
     return summary
+
+
+def read_similarity(artifacts: Path, layer_groups: int | None) -> tuple[str, dict[str, float]] | None:
+    """The similarity table and metrics an earlier finalize wrote under `artifacts` for the same layer groups."""
+    table, record = artifacts / "similarity.txt", artifacts / SIMILARITY
+    if not (table.is_file() and record.is_file()):
+        return None
+    recorded = json.loads(record.read_text())
+    if recorded.get("layer_groups") != layer_groups:
+        return None
+    return table.read_text().rstrip("\n"), recorded["metrics"]
+
+
+def earlier_yaml(folder: Path, number: int) -> str | None:
+    """Trial `number`'s mergekit YAML as an earlier finalize wrote it (its recipe unchanged), if still there."""
+    path = folder / ARTIFACTS / "recipes" / f"trial-{number}.yaml"
+    return path.read_text() if path.is_file() else None
 
 
 def with_weights(config: SearchConfig, aliases: list[str]) -> bool:

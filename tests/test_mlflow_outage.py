@@ -92,6 +92,7 @@ def test_mlflow_down_at_the_start_then_synced_and_finalized_twice_changes_nothin
     # Finalize again (resume of a finished search) and sync again: nothing new in MLflow, the same summary.
     resumed = on_search(tmp_path, "resume", name)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"{name}: an earlier finalize had tested and recorded this front; no worker started" in resumed.stdout
     assert on_search(tmp_path, "sync", name).returncode == 0
     assert mirrored(server, name) == state
     again = json.loads(summary_path.read_text())
