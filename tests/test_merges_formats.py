@@ -185,10 +185,8 @@ def test_random_family_writes_each_format_as_transformers_reads_it(tmp_path):
     assert all(torch.equal(same[name], tensor) for name, tensor in tensors.items())
 
 
-def test_tokenizer_from_a_zoo_folder_needs_a_vocabulary_that_holds_it(tmp_path):
-    zoo_base = Path(__file__).resolve().parents[1] / "artifacts" / "zoo" / "base"
-    if not (zoo_base / "tokenizer.json").is_file():
-        pytest.skip("needs the zoo's tokenizer (artifacts/zoo/base)")
+def test_tokenizer_from_a_zoo_folder_needs_a_vocabulary_that_holds_it(tmp_path, zoo_dir):
+    zoo_base = zoo_dir / "base"  # the session's zoo, wherever SAFEMERGE_ARTIFACTS puts it
     vocab = json.loads((zoo_base / "config.json").read_text())["vocab_size"]
     folders = family(tmp_path / "ok", LlamaShape(**{**vars(PLAIN), "vocab": vocab}), tokenizer_from=zoo_base)
     for file_name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
