@@ -119,8 +119,8 @@ def finalize_search(
             json.dumps({"layer_groups": config.layer_groups, "metrics": similarity_metrics}, indent=2)
         )
         (artifacts / "recipes").mkdir()
-        texts = {number: earlier_yaml(folder, number) for number in earlier}
-        missing = [number for number in recipes if texts.get(number) is None]
+        texts = {number: earlier_yaml(folder / ARTIFACTS, number) if number in earlier else None for number in recipes}
+        missing = [number for number, text in texts.items() if text is None]
         texts.update(zip(missing, ask([("mergekit_yaml", (recipes[n],)) for n in missing]), strict=True))
         for number in recipes:
             (artifacts / "recipes" / f"trial-{number}.yaml").write_text(texts[number])
@@ -189,9 +189,9 @@ def read_similarity(artifacts: Path, layer_groups: int | None) -> tuple[str, dic
     return table.read_text().rstrip("\n"), recorded["metrics"]
 
 
-def earlier_yaml(folder: Path, number: int) -> str | None:
-    """Trial `number`'s mergekit YAML as an earlier finalize wrote it (its recipe unchanged), if still there."""
-    path = folder / ARTIFACTS / "recipes" / f"trial-{number}.yaml"
+def earlier_yaml(artifacts: Path, number: int) -> str | None:
+    """Trial `number`'s mergekit YAML as an earlier finalize wrote it under `artifacts`, if still there."""
+    path = artifacts / "recipes" / f"trial-{number}.yaml"
     return path.read_text() if path.is_file() else None
 
 
